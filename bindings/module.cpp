@@ -1,0 +1,290 @@
+// Thin pybind11 layer over the grkv native core: argument conversion only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+
+#include "grkv/capture.h"
+#include "grkv/common.h"
+#include "grkv/compress.h"
+#include "grkv/select.h"
+#include "grkv/state_blob.h"
+
+namespace py = pybind11;
+using namespace grkv;
+
+namespace {
+
+template <typename T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T> v, std::vector<py::ssize_t> shape) {
+    auto * heap = new std::vector<T>(std::move(v));
+    py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<T> *>(p); });
+    return py::array_t<T>(shape, heap->data(), owner);
+}
+
+const Stream & active(const SeqState & s, int part) {
+    if (part < 0 || part >= (int) s.parts.size()) throw Error("no memory part " + std::to_string(part));
+    const int a = s.parts[part].active_stream();
+    if (a < 0) throw Error("memory part " + std::to_string(part) + " holds no cells of the sequence");
+    return s.parts[part].streams[a];
+}
+
+Stream & active_mut(SeqState & s, int part) {
+    return const_cast<Stream &>(active(s, part));
+}
+
+std::vector<LayerQueries> to_queries(const py::list & qs) {
+    std::vector<LayerQueries> out;
+    for (auto item : qs) {
+        auto tup = item.cast<py::tuple>();
+        auto q = tup[0].cast<carray<float>>();
+        auto qp = tup[1].cast<carray<int32_t>>();
+        LayerQueries lq;
+        lq.q.assign(q.data(), q.data() + q.size());
+        lq.qpos.assign(qp.data(), qp.data() + qp.size());
+        out.push_back(std::move(lq));
+    }
+    return out;
+}
+
+MethodParams method_params(const std::string & name, int kernel, int n_sink) {
+    MethodParams m;
+    m.name = name;
+    m.kernel = kernel;
+    m.n_sink = n_sink;
+    return m;
+}
+
+py::tuple scores_to_numpy(const std::vector<Scores> & sc) {
+    const py::ssize_t L = (py::ssize_t) sc.size(), H = sc[0].n_head_kv, T = sc[0].T;
+    std::vector<float> s;
+    std::vector<uint8_t> p;
+    for (const auto & x : sc) {
+        s.insert(s.end(), x.s.begin(), x.s.end());
+        p.insert(p.end(), x.protect.begin(), x.protect.end());
+    }
+    return py::make_tuple(to_numpy(std::move(s), {L, H, T}), to_numpy(std::move(p), {L, T}));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "grkv-cpp native core: state-blob codec, eviction scores, selection, eval-callback capture";
+    py::register_exception<Error>(m, "NativeError", PyExc_ValueError);
+
+    py::class_<SeqState>(m, "SeqState")
+        .def(py::init([](py::bytes b) {
+                 std::string_view sv = b;
+                 py::gil_scoped_release nogil;
+                 return parse_state(reinterpret_cast<const uint8_t *>(sv.data()), sv.size());
+             }),
+             py::arg("blob"))
+        .def_readonly("seq_id", &SeqState::seq_id)
+        .def_property_readonly("n_parts", [](const SeqState & s) { return (int) s.parts.size(); })
+        .def("serialize",
+             [](const SeqState & s) {
+                 std::vector<uint8_t> out;
+                 {
+                     py::gil_scoped_release nogil;
+                     out = serialize_state(s);
+                 }
+                 return py::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+             })
+        .def("part_info",
+             [](const SeqState & s, int part) {
+                 if (part < 0 || part >= (int) s.parts.size()) throw Error("no memory part " + std::to_string(part));
+                 const auto & mp = s.parts[part];
+                 py::dict d;
+                 d["n_stream"] = mp.streams.size();
+                 const int a = mp.active_stream();
+                 d["n_cells"] = a < 0 ? 0u : mp.streams[a].cell_count;
+                 d["bytes_per_cell"] = mp.bytes_per_cell();
+                 if (a >= 0) {
+                     const auto & st = mp.streams[a];
+                     d["v_trans"] = (bool) st.v_trans;
+                     d["n_layer"] = st.k.size();
+                     py::list kt, vt, kw, vw;
+                     for (size_t l = 0; l < st.k.size(); ++l) {
+                         kt.append(ggml_type_name_of(st.k[l].type));
+                         vt.append(ggml_type_name_of(st.v[l].type));
+                         kw.append(st.k[l].n_embd);
+                         vw.append(st.v[l].n_embd);
+                     }
+                     d["k_types"] = kt; d["v_types"] = vt; d["k_width"] = kw; d["v_width"] = vw;
+                 }
+                 return d;
+             }, py::arg("part"))
+        .def("positions", [](const SeqState & s, int part) {
+                 StreamView v(active(s, part));
+                 return to_numpy(v.positions(), {(py::ssize_t) v.n_tokens()});
+             }, py::arg("part"))
+        .def("keys", [](const SeqState & s, int part, int layer) {
+                 StreamView v(active(s, part));
+                 const py::ssize_t w = v.s->k.at(layer).n_embd;
+                 return to_numpy(v.keys(layer), {(py::ssize_t) v.n_tokens(), w});
+             }, py::arg("part"), py::arg("layer"))
+        .def("values", [](const SeqState & s, int part, int layer) {
+                 StreamView v(active(s, part));
+                 const py::ssize_t w = v.s->v.at(layer).n_embd;
+                 return to_numpy(v.values(layer), {(py::ssize_t) v.n_tokens(), w});
+             }, py::arg("part"), py::arg("layer"))
+        .def("scores",
+             [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
+                int n_head_kv, float scale, const py::list & queries, int n_threads) {
+                 auto q = to_queries(queries);
+                 py::gil_scoped_release nogil;
+                 StreamView v(active(s, part));
+                 auto sc = score_layers(v, method_params(method, kernel, n_sink), ModelShape{n_head, n_head_kv, scale}, q,
+                                        n_threads);
+                 py::gil_scoped_acquire gil;
+                 return scores_to_numpy(sc);
+             },
+             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
+             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1)
+        .def("select",
+             [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
+                int n_head_kv, float scale, const py::list & queries, int budget, bool shared, int n_threads) {
+                 auto q = to_queries(queries);
+                 std::vector<int32_t> keep;
+                 py::ssize_t L;
+                 {
+                     py::gil_scoped_release nogil;
+                     StreamView v(active(s, part));
+                     auto sc = score_layers(v, method_params(method, kernel, n_sink), ModelShape{n_head, n_head_kv, scale},
+                                            q, n_threads);
+                     L = (py::ssize_t) sc.size();
+                     keep = shared ? select_shared(sc, budget) : select_layers_per_head(sc, budget, n_threads);
+                 }
+                 if (shared) return to_numpy(std::move(keep), {(py::ssize_t) budget});
+                 return to_numpy(std::move(keep), {L, (py::ssize_t) n_head_kv, (py::ssize_t) budget});
+             },
+             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
+             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared") = false,
+             py::arg("n_threads") = 1)
+        .def("apply_per_head",
+             [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end, py::object new_k, py::object new_v) {
+                 if (keep.ndim() != 3) throw Error("keep must be [n_layer, n_head_kv, budget]");
+                 const int n_head_kv = (int) keep.shape(1), budget = (int) keep.shape(2);
+                 std::vector<int32_t> kv(keep.data(), keep.data() + keep.size());
+                 const bool has_k = !new_k.is_none(), has_v = !new_v.is_none();
+                 carray<float> nk, nv;
+                 if (has_k) nk = new_k.cast<carray<float>>();
+                 if (has_v) nv = new_v.cast<carray<float>>();
+                 Stream & st = active_mut(s, part);
+                 const size_t L = st.k.size();
+                 if ((size_t) keep.shape(0) != L) throw Error("keep has the wrong number of layers");
+                 if (has_k && (size_t) nk.size() != L * budget * st.k[0].n_embd)
+                     throw Error("new_k must be [n_layer, budget, n_embd_k]");
+                 if (has_v && (size_t) nv.size() != L * budget * st.v[0].n_embd)
+                     throw Error("new_v must be [n_layer, budget, n_embd_v]");
+                 Stream out;
+                 {
+                     py::gil_scoped_release nogil;
+                     StreamView v(st);
+                     out = compact_per_head(v, kv, n_head_kv, budget, label_end, has_k ? nk.data() : nullptr,
+                                            has_v ? nv.data() : nullptr);
+                 }
+                 st = std::move(out);
+             },
+             py::arg("part"), py::arg("keep"), py::arg("label_end"), py::arg("new_k") = py::none(),
+             py::arg("new_v") = py::none())
+        .def("apply_shared",
+             [](SeqState & s, int part, carray<int32_t> keep) {
+                 std::vector<int32_t> kv(keep.data(), keep.data() + keep.size());
+                 Stream & st = active_mut(s, part);
+                 Stream out;
+                 {
+                     py::gil_scoped_release nogil;
+                     StreamView v(st);
+                     out = compact_shared(v, kv);
+                 }
+                 st = std::move(out);
+             },
+             py::arg("part"), py::arg("keep"));
+
+    // Single-layer scoring on plain arrays: what the torch reference tests call.
+    m.def("score_layer",
+          [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos,
+             int n_head, float scale, int kernel, int n_sink) {
+              if (k.ndim() != 3) throw Error("k must be [T, n_head_kv, head_dim]");
+              LayerInput in;
+              in.k = k.data();
+              in.pos = pos.data();
+              in.T = (int) k.shape(0);
+              in.n_head_kv = (int) k.shape(1);
+              in.head_dim = (int) k.shape(2);
+              in.n_head = n_head;
+              in.scale = scale;
+              carray<float> qa;
+              carray<int32_t> qp;
+              if (!q.is_none()) {
+                  qa = q.cast<carray<float>>();
+                  qp = qpos.cast<carray<int32_t>>();
+                  in.q = qa.data();
+                  in.qpos = qp.data();
+                  in.w = (int) qp.size();
+              }
+              Scores sc;
+              if (method == "snapkv") sc = score_snapkv(in, kernel);
+              else if (method == "knorm") sc = score_knorm(in);
+              else if (method == "streaming") sc = score_streaming(in, n_sink);
+              else throw Error("unknown method " + method);
+              return py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T}));
+          },
+          py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q") = py::none(), py::arg("qpos") = py::none(),
+          py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("kernel") = 5, py::arg("n_sink") = 4);
+    m.def("select_per_head",
+          [](carray<float> s, carray<uint8_t> prot, int budget) {
+              Scores sc;
+              sc.n_head_kv = (int) s.shape(0);
+              sc.T = (int) s.shape(1);
+              sc.s.assign(s.data(), s.data() + s.size());
+              sc.protect.assign(prot.data(), prot.data() + prot.size());
+              auto k = select_per_head(sc, budget);
+              return to_numpy(std::move(k), {(py::ssize_t) sc.n_head_kv, (py::ssize_t) budget});
+          },
+          py::arg("scores"), py::arg("protect"), py::arg("budget"));
+    m.def("f32_round_trip",
+          [](carray<float> x, const std::string & dtype) {
+              int32_t t = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : dtype == "f32" ? 0 : -1;
+              if (t < 0) throw Error("dtype must be f16, bf16 or f32");
+              std::vector<uint8_t> buf(x.size() * dtype_size(t));
+              std::vector<float> out(x.size());
+              from_f32(t, x.data(), buf.data(), x.size());
+              to_f32(t, buf.data(), out.data(), x.size());
+              std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+              return to_numpy(std::move(out), shape);
+          });
+
+    py::class_<Capture>(m, "Capture")
+        .def(py::init<uintptr_t, uintptr_t>(), py::arg("tensor_get_fn"), py::arg("op_name_fn"))
+        .def("op_code", &Capture::op_code)
+        .def("set_targets",
+             [](Capture & c, const std::vector<std::tuple<std::string, int, int>> & t) {
+                 std::vector<CaptureTarget> ts;
+                 for (auto & [p, op, td] : t) ts.push_back(CaptureTarget{p, op, td});
+                 c.set_targets(std::move(ts));
+             })
+        .def("enable", &Capture::enable)
+        .def_property_readonly("enabled", &Capture::enabled)
+        .def("clear", &Capture::clear)
+        .def_property_readonly("error", &Capture::error)
+        .def_property_readonly("callback_address", &Capture::callback_address)
+        .def_property_readonly("user_data", &Capture::user_data)
+        .def("layers",
+             [](const Capture & c, int target) {
+                 std::vector<int> ls;
+                 for (auto & [key, v] : c.data()) if (key.first == target) ls.push_back(key.second);
+                 return ls;
+             })
+        .def("get", [](const Capture & c, int target, int layer) {
+            auto it = c.data().find({target, layer});
+            if (it == c.data().end()) throw Error("nothing captured for target " + std::to_string(target) + " layer " + std::to_string(layer));
+            return to_numpy(it->second.data, {(py::ssize_t) it->second.n_rows(), (py::ssize_t) it->second.row_len});
+        });
+}

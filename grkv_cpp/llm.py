@@ -1,0 +1,227 @@
+"""The user-facing model: a GGUF model whose context cache can be compressed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import llama_cpp
+import llama_cpp.llama_cpp as L
+
+from . import kvstate
+from .capture import QUERIES, GraphCapture
+from .compressor import compress_cache
+from .errors import GrkvError
+from .loader import describe, open_llama
+from .methods import Method, get_method
+from .prompt import build_format
+from .stats import Stats
+
+
+class CompressedLlama:
+    """A GGUF model with a compressible KV cache.
+
+    >>> m = CompressedLlama("model.gguf", n_ctx=4096)
+    >>> m.compress(long_text, method="snapkv", ratio=0.25)   # query-agnostic
+    >>> m.ask("Who wrote it?"), m.ask("When?")               # reuse the compressed context
+    >>> m.answer_query_aware(long_text, "Who wrote it?", ratio=0.25)
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
+                 n_threads: int | None = None, flash_attn: bool = False, type_k: str = "f16",
+                 type_v: str = "f16", seed: int = 0, verbose: bool = False):
+        self.capture = GraphCapture()
+        self.capture.set_targets([QUERIES])
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.llm = open_llama(model_path, callback=self.capture.c_callback, user_data=self.capture.user_data,
+                              type_k=type_k, type_v=type_v, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                              n_threads=self.n_threads, flash_attn=flash_attn, seed=seed, verbose=verbose)
+        self.info = describe(self.llm)
+        self.vocab = L.llama_model_get_vocab(self.llm._model.model)
+        self.rng = np.random.default_rng(seed)
+        self.stats = Stats()
+        self._context_len = 0        # tokens of the compressed context (its next position)
+        self._format = None
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def ctx(self):
+        return self.llm._ctx.ctx
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=bos, special=True)
+
+    def _tokens_for(self, context: str) -> list[int]:
+        bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
+        eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        self._format = build_format(context, self.info.chat_template, bos=bos, eos=eos)
+        text = self._format.context_text
+        # Templates emit the BOS text themselves; tokenize it as a special token then.
+        add_bos = not (bos and text.startswith(bos))
+        return self.tokenize(text, bos=add_bos)
+
+    def _question_tokens(self, question: str) -> list[int]:
+        if self._format is None:
+            raise GrkvError("call compress() with a context first")
+        return self.tokenize(self._format.question_template.format(question=question), bos=False)
+
+    def _check_room(self, n: int):
+        if n > self.n_ctx:
+            raise GrkvError(
+                f"{n} tokens do not fit the context of {self.n_ctx} cells; create the model with a larger n_ctx"
+            )
+
+    def _prefill(self, tokens: Sequence[int], capture_last: int):
+        """Evaluate tokens from position 0, capturing queries of the last `capture_last`."""
+        self.llm.reset()
+        head = len(tokens) - capture_last
+        if head > 0:
+            self.llm.eval(tokens[:head])
+        if capture_last > 0:
+            with self.capture.enabled():
+                self.llm.eval(tokens[max(head, 0):])
+
+    # ------------------------------------------------------------- compression
+    def compress(self, context: str, *, method: str | Method = "snapkv", ratio: float | None = None,
+                 budget: int | None = None, shared: bool = False, question: str | None = None,
+                 **method_params) -> Stats:
+        """Prefill `context` and compress its cache to a kept `ratio` or `budget` tokens.
+
+        Query-agnostic by default: the question is not seen, and any number of
+        `ask()` calls reuse the compressed cache. With `question`, compression
+        is query-aware: the question sits inside the observation window and
+        becomes part of the compressed sequence; continue with `generate()`.
+        `shared=True` keeps one token set for all layers and heads instead of
+        one per (layer, KV head)."""
+        m = get_method(method, **method_params)
+        tokens = self._tokens_for(context)
+        n_ctx_tokens = len(tokens)
+        if question is not None:
+            tokens = tokens + self._question_tokens(question)
+        self._check_room(len(tokens) + 1)
+        window = 0
+        if m.needs_queries:
+            window = m.window if question is None else max(m.window, len(tokens) - n_ctx_tokens)
+        # Query-aware: the last token is decoded after compression, so the
+        # first answer token comes from the compressed cache.
+        body = tokens if question is None else tokens[:-1]
+        window = min(window, len(body))
+        t0 = time.perf_counter()
+        self._prefill(body, window)
+        t1 = time.perf_counter()
+        res = compress_cache(self.ctx, self.info, m, ratio=ratio, budget=budget, shared=shared,
+                             capture=self.capture if m.needs_queries else None, n_threads=self.n_threads)
+        t2 = time.perf_counter()
+        if question is not None:
+            self.llm.eval(tokens[-1:])
+        self._context_len = self.llm.n_tokens
+        self.stats = Stats(method=m.name + ("-shared" if shared else ""), context_tokens=n_ctx_tokens,
+                           question_tokens=len(tokens) - n_ctx_tokens,
+                           kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
+                           kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
+                           prefill_s=t1 - t0, compress_s=t2 - t1)
+        self._last_compress = res
+        return self.stats
+
+    def prefill(self, context: str) -> Stats:
+        """Prefill `context` with the full cache (no compression), for comparison."""
+        tokens = self._tokens_for(context)
+        self._check_room(len(tokens) + 1)
+        t0 = time.perf_counter()
+        self._prefill(tokens, 0)
+        state = kvstate.parse(kvstate.get_blob(self.ctx))
+        cells, nbytes = state.part_info(0)["n_cells"], kvstate.kv_bytes(state)
+        self._context_len = self.llm.n_tokens
+        self.stats = Stats(method="full", context_tokens=len(tokens), kv_cells_before=cells, kv_cells_after=cells,
+                           kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=time.perf_counter() - t0)
+        return self.stats
+
+    # --------------------------------------------------------------- decoding
+    def _next_token(self, temperature: float, top_p: float) -> int:
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.llm.n_vocab(),))
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_p < 1.0:
+            order = np.argsort(-p)
+            cut = np.searchsorted(np.cumsum(p[order]), top_p) + 1
+            mask = np.zeros_like(p)
+            mask[order[:cut]] = 1
+            p = p * mask / (p * mask).sum()
+        return int(self.rng.choice(len(p), p=p))
+
+    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] = ()) -> Iterator[str]:
+        """Stream text pieces continuing the current sequence."""
+        t0 = time.perf_counter()
+        out = b""
+        emitted = 0
+        n = 0
+        try:
+            for n in range(1, max_tokens + 1):
+                tok = self._next_token(temperature, top_p)
+                if L.llama_vocab_is_eog(self.vocab, tok):
+                    n -= 1
+                    break
+                out += self.llm.detokenize([tok])
+                text = out.decode("utf-8", errors="ignore")
+                hit = [text.find(s) for s in stop if s and s in text]
+                if hit:
+                    cut = min(hit)
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    emitted = cut
+                    break
+                if len(text) > emitted and not out.endswith(b"\xef\xbf\xbd"):
+                    yield text[emitted:]
+                    emitted = len(text)
+                if n == max_tokens:
+                    break
+                self._check_room(self.llm.n_tokens + 1)
+                self.llm.eval([tok])
+        finally:
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.generated_tokens += n
+
+    def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+            stop: Sequence[str] = (), stream: bool = False):
+        """Answer `question` against the compressed context; the answer's KV is
+        removed afterwards so the next question sees the same context."""
+        if self._context_len == 0:
+            raise GrkvError("call compress() or prefill() with a context first")
+        q = self._question_tokens(question)
+        self._check_room(self._context_len + len(q) + max_tokens)
+        self.stats.question_tokens = len(q)
+        self.stats.decode_s = 0.0
+        self.stats.generated_tokens = 0
+
+        def run():
+            try:
+                t0 = time.perf_counter()
+                self.llm.eval(q)
+                self.stats.decode_s += time.perf_counter() - t0
+                yield from self.generate(max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+            finally:
+                kvstate.remove_from(self.ctx, self._context_len)
+                self.llm.n_tokens = self._context_len
+
+        return run() if stream else "".join(run()).strip()
+
+    def answer_query_aware(self, context: str, question: str, *, max_tokens: int = 64, temperature: float = 0.0,
+                           stop: Sequence[str] = (), **compress_kw) -> str:
+        """Compress with the question inside the observation window, then answer it."""
+        self.compress(context, question=question, **compress_kw)
+        return "".join(self.generate(max_tokens, temperature=temperature, stop=stop)).strip()
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.llm.close()

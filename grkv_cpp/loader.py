@@ -1,0 +1,176 @@
+"""Open a GGUF model with llama-cpp-python, with our eval callback installed,
+and describe what the compressor needs to know about it."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_cpp as L
+
+from .errors import UnsupportedModelError
+
+# Architectures whose attention the compressor reproduces exactly (tested).
+SUPPORTED_ARCHS = {"llama", "gemma3"}
+# Known-unsupported families, named in the error message.
+_WHY_UNSUPPORTED = {
+    "gemma3n": "its KV cache is reused across layers",
+    "gemma4": "its KV cache is reused across layers",
+    "qwen2vl": "it uses M-RoPE (per-cell position extensions)",
+    "qwen3vl": "it uses M-RoPE (per-cell position extensions)",
+    "qwen25vl": "it uses M-RoPE (per-cell position extensions)",
+    "gemma2": "it soft-caps attention logits",
+}
+_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30}
+
+
+@dataclass
+class ModelInfo:
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    attn_scale: float                 # logit scale applied to q.k
+    cache_layers: list[int]           # model layer ids held by the compressed cache (part 0)
+    iswa: bool = False                # part 1 of the blob is a sliding-window cache, left untouched
+    n_swa: int = 0
+    chat_template: str | None = None
+    metadata: dict = field(default_factory=dict, repr=False)
+
+
+def _metadata_int(meta: dict, key: str, default=None):
+    v = meta.get(key)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        return default
+
+
+def describe(llm: llama_cpp.Llama) -> ModelInfo:
+    """Read the model's shape and refuse what the compressor cannot handle."""
+    meta = dict(llm.metadata)
+    arch = meta.get("general.architecture", "?")
+    model = llm._model.model
+    if L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model):
+        raise UnsupportedModelError(
+            f"architecture '{arch}' has a recurrent or hybrid memory; grkv-cpp compresses attention KV caches only"
+        )
+    if arch in _WHY_UNSUPPORTED:
+        raise UnsupportedModelError(f"architecture '{arch}' is not supported: {_WHY_UNSUPPORTED[arch]}")
+    rope = L.llama_model_rope_type(model)
+    if rope not in (L.LLAMA_ROPE_TYPE_NORM, L.LLAMA_ROPE_TYPE_NEOX):
+        raise UnsupportedModelError(
+            f"architecture '{arch}' uses RoPE type {rope} (M-RoPE or vision RoPE); only standard RoPE is supported"
+        )
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(
+            f"architecture '{arch}' is not supported yet (supported: {', '.join(sorted(SUPPORTED_ARCHS))})"
+        )
+    n_layer = L.llama_model_n_layer(model)
+    n_head = L.llama_model_n_head(model)
+    n_head_kv = L.llama_model_n_head_kv(model)
+    n_embd = L.llama_model_n_embd(model)
+    head_dim = _metadata_int(meta, f"{arch}.attention.key_length", n_embd // n_head)
+    n_swa = L.llama_model_n_swa(model)
+    cache_layers = list(range(n_layer))
+    iswa = False
+    if arch == "gemma3":
+        # llama.cpp's gemma3: every `pattern`-th layer is global, the rest use a
+        # sliding window (hparams.set_swa_pattern(6)); only globals are compressed.
+        pattern = _metadata_int(meta, f"{arch}.attention.sliding_window_pattern", 6)
+        if n_swa > 0:
+            iswa = True
+            cache_layers = [il for il in range(n_layer) if il % pattern >= pattern - 1]
+        # gemma3 scales Q by f_attention_scale after the Qcur node (1/sqrt(head_dim), 27B aside)
+        scale = 1.0 / math.sqrt(n_embd / n_head) if n_layer == 62 else 1.0 / math.sqrt(head_dim)
+    else:
+        scale = 1.0 / math.sqrt(head_dim)
+    return ModelInfo(
+        arch=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ctx_train=L.llama_model_n_ctx_train(model),
+        attn_scale=scale,
+        cache_layers=cache_layers,
+        iswa=iswa,
+        n_swa=n_swa,
+        chat_template=meta.get("tokenizer.chat_template"),
+        metadata=meta,
+    )
+
+
+def amx_compiled_in() -> bool:
+    """True if this llama.cpp build carries ggml's AMX kernels, which segfault
+    on some CPUs that advertise AMX (see README, "Build")."""
+    info = L.llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" in info
+
+
+def ggml_library() -> ctypes.CDLL:
+    """The libggml-base already loaded by llama_cpp (same handle)."""
+    libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        p = libdir / name
+        if p.exists():
+            return ctypes.CDLL(str(p))
+    raise FileNotFoundError(f"libggml-base not found in {libdir}")
+
+
+def open_llama(model_path: str | os.PathLike, *, callback=None, user_data: int | None = None,
+               type_k: str = "f16", type_v: str = "f16", **kwargs) -> llama_cpp.Llama:
+    """Create a ``llama_cpp.Llama`` whose context carries ``callback`` as its
+    eval callback (``Llama()`` has no argument for it) and whose model skips
+    the extra buffer types when AMX kernels are compiled in."""
+    if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
+        raise UnsupportedModelError(
+            f"KV cache type {type_k}/{type_v} is not supported: grkv-cpp edits f16, bf16 and f32 caches"
+        )
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model file not found: {model_path}")
+    c0, m0 = L.llama_context_default_params, L.llama_model_default_params
+    disable_extra = amx_compiled_in()
+
+    def ctx_params():
+        p = c0()
+        if callback is not None:
+            p.cb_eval = callback
+            p.cb_eval_user_data = ctypes.c_void_p(user_data)
+        return p
+
+    def model_params():
+        p = m0()
+        if disable_extra:
+            p.use_extra_bufts = False
+        return p
+
+    L.llama_context_default_params, L.llama_model_default_params = ctx_params, model_params
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            type_k=_CACHE_TYPES[type_k],
+            type_v=_CACHE_TYPES[type_v],
+            **kwargs,
+        )
+    finally:
+        L.llama_context_default_params, L.llama_model_default_params = c0, m0
+    return llm
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence llama.cpp's logging to stderr."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):
+        yield

@@ -1,0 +1,26 @@
+// Shared types of the grkv native core. No Python, no llama.cpp headers.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace grkv {
+
+// Every error the core raises; the bindings map it to a Python exception.
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// ggml type codes the core can convert (ggml.h `enum ggml_type`).
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 30 };
+
+bool dtype_supported(int32_t ggml_type);
+size_t dtype_size(int32_t ggml_type);        // element size in bytes; throws if unsupported
+const char * ggml_type_name_of(int32_t ggml_type);  // for error messages
+
+// Conversions between a cache dtype and float32.
+void to_f32(int32_t ggml_type, const uint8_t * src, float * dst, size_t n);
+void from_f32(int32_t ggml_type, const float * src, uint8_t * dst, size_t n);
+float round_trip(int32_t ggml_type, float x);  // value after storing x in the cache dtype
+
+}  // namespace grkv

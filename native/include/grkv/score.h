@@ -1,0 +1,35 @@
+// Token scores per KV head, one layer at a time. Higher = more worth keeping.
+// Tokens are in position order; `protect` marks tokens every method must keep
+// (SnapKV's observation window, StreamingLLM's sinks).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace grkv {
+
+struct LayerInput {
+    const float * k = nullptr;       // [T][n_head_kv][head_dim], post-RoPE
+    const int32_t * pos = nullptr;   // [T] ascending
+    int T = 0, n_head_kv = 0, head_dim = 0;
+    const float * q = nullptr;       // [w][n_head][head_dim], post-RoPE window queries
+    const int32_t * qpos = nullptr;  // [w]
+    int w = 0, n_head = 0;
+    float scale = 1.0f;              // logit scale (1/sqrt(d) for llama)
+};
+
+struct Scores {
+    int n_head_kv = 0, T = 0;
+    std::vector<float> s;             // [n_head_kv][T]
+    std::vector<uint8_t> protect;     // [T]
+};
+
+// SnapKV as in kvpress: window attention (causal inside the window), mean over
+// window queries, avg-pool over the prefix (zero padding, count_include_pad),
+// mean over each KV head's query group; the window is protected.
+Scores score_snapkv(const LayerInput & in, int kernel);
+// KNorm: keys with a low L2 norm are kept (score = -||k||).
+Scores score_knorm(const LayerInput & in);
+// StreamingLLM: the first n_sink tokens are protected, the rest ranked by recency.
+Scores score_streaming(const LayerInput & in, int n_sink);
+
+}  // namespace grkv

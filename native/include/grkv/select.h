@@ -1,0 +1,18 @@
+// Budgeted selection from scores.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "grkv/score.h"
+
+namespace grkv {
+
+// Top-`budget` tokens per KV head, protected tokens first; the result is
+// [n_head_kv][budget] token indices, ascending within each head.
+std::vector<int32_t> select_per_head(const Scores & sc, int budget);
+
+// One token set for every layer and head: tokens ranked by their mean
+// per-(layer, head) rank, protected tokens first. Returns `budget` ascending indices.
+std::vector<int32_t> select_shared(const std::vector<Scores> & layers, int budget);
+
+}  // namespace grkv

@@ -1,0 +1,81 @@
+#include "grkv/compress.h"
+
+#include <exception>
+#include <mutex>
+
+#include "grkv/common.h"
+#include "grkv/select.h"
+
+namespace grkv {
+namespace {
+
+// Runs f(i) for i in [0, n) on n_threads threads, rethrowing the first error.
+template <typename F>
+void parallel_for(int n, int n_threads, F f) {
+    std::exception_ptr err;
+    std::mutex mu;
+#pragma omp parallel for schedule(dynamic) num_threads(n_threads > 0 ? n_threads : 1)
+    for (int i = 0; i < n; ++i) {
+        try {
+            f(i);
+        } catch (...) {
+            std::lock_guard<std::mutex> lk(mu);
+            if (!err) err = std::current_exception();
+        }
+    }
+    if (err) std::rethrow_exception(err);
+}
+
+}  // namespace
+
+bool method_needs_queries(const std::string & name) { return name == "snapkv"; }
+
+std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m, const ModelShape & shape,
+                                 const std::vector<LayerQueries> & queries, int n_threads) {
+    const int L = (int) view.s->k.size();
+    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming") {
+        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming)");
+    }
+    if (method_needs_queries(m.name) && (int) queries.size() != L) {
+        throw Error(m.name + " needs window queries for all " + std::to_string(L) + " cache layers, got " +
+                    std::to_string(queries.size()));
+    }
+    if (shape.n_head_kv <= 0 || shape.n_head <= 0) throw Error("model shape not set");
+    const std::vector<int32_t> pos = view.positions();
+    std::vector<Scores> out(L);
+    parallel_for(L, n_threads, [&](int l) {
+        const std::vector<float> k = view.keys(l);
+        LayerInput in;
+        in.k = k.data();
+        in.pos = pos.data();
+        in.T = view.n_tokens();
+        in.n_head_kv = shape.n_head_kv;
+        in.head_dim = (int) view.s->k[l].n_embd / shape.n_head_kv;
+        in.n_head = shape.n_head;
+        in.scale = shape.scale;
+        if (method_needs_queries(m.name)) {
+            const auto & lq = queries[l];
+            in.w = (int) lq.qpos.size();
+            if ((size_t) in.w * shape.n_head * in.head_dim != lq.q.size()) {
+                throw Error("layer " + std::to_string(l) + ": query array does not match w*n_head*head_dim");
+            }
+            in.q = lq.q.data();
+            in.qpos = lq.qpos.data();
+        }
+        if (m.name == "snapkv") out[l] = score_snapkv(in, m.kernel);
+        else if (m.name == "knorm") out[l] = score_knorm(in);
+        else out[l] = score_streaming(in, m.n_sink);
+    });
+    return out;
+}
+
+std::vector<int32_t> select_layers_per_head(const std::vector<Scores> & scores, int budget, int n_threads) {
+    const int L = (int) scores.size();
+    std::vector<std::vector<int32_t>> per(L);
+    parallel_for(L, n_threads, [&](int l) { per[l] = select_per_head(scores[l], budget); });
+    std::vector<int32_t> out;
+    for (auto & p : per) out.insert(out.end(), p.begin(), p.end());
+    return out;
+}
+
+}  // namespace grkv

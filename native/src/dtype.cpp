@@ -1,0 +1,145 @@
+// Cache dtype <-> float32. Scalar code: conversions are a small share of a
+// compression next to scoring, and this keeps the core portable.
+#include <cstring>
+
+#include "grkv/common.h"
+
+namespace grkv {
+namespace {
+
+float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400u)) { mant <<= 1; --exp; }
+            mant &= 0x3ffu;
+            bits = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Round to nearest even, as F16C and ggml do.
+uint16_t float_to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) {  // inf / nan
+        return (uint16_t) (sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0));
+    }
+    if (absx >= 0x477ff000u) return (uint16_t) (sign | 0x7c00u);  // overflow -> inf
+    if (absx < 0x38800000u) {  // subnormal or zero in half
+        if (absx < 0x33000000u) return (uint16_t) sign;
+        const uint32_t e = absx >> 23;
+        uint32_t m = (absx & 0x7fffffu) | 0x800000u;
+        const int shift = 126 - (int) e;  // 14 + (113 - e) ... so that result has 10 mantissa bits
+        const uint32_t sh = (uint32_t) shift;
+        uint32_t r = m >> sh;
+        const uint32_t rem = m & ((1u << sh) - 1);
+        const uint32_t half = 1u << (sh - 1);
+        if (rem > half || (rem == half && (r & 1u))) ++r;
+        return (uint16_t) (sign | r);
+    }
+    uint32_t r = ((absx >> 13) - (112u << 10));
+    const uint32_t rem = absx & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+    return (uint16_t) (sign | r);
+}
+
+float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t) h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t float_to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t) ((x >> 16) | 64);  // quiet nan
+    return (uint16_t) ((x + (0x7fffu + ((x >> 16) & 1u))) >> 16);
+}
+
+}  // namespace
+
+bool dtype_supported(int32_t t) {
+    return t == (int32_t) DType::F32 || t == (int32_t) DType::F16 || t == (int32_t) DType::BF16;
+}
+
+const char * ggml_type_name_of(int32_t t) {
+    switch (t) {
+        case 0: return "f32";
+        case 1: return "f16";
+        case 2: return "q4_0";
+        case 3: return "q4_1";
+        case 6: return "q5_0";
+        case 7: return "q5_1";
+        case 8: return "q8_0";
+        case 20: return "iq4_nl";
+        case 30: return "bf16";
+        default: return "unknown";
+    }
+}
+
+size_t dtype_size(int32_t t) {
+    switch (t) {
+        case 0: return 4;
+        case 1: return 2;
+        case 30: return 2;
+        default:
+            throw Error(std::string("KV cache type ") + ggml_type_name_of(t) + " (ggml type " +
+                        std::to_string(t) + ") is not supported: use an f16, bf16 or f32 cache");
+    }
+}
+
+void to_f32(int32_t t, const uint8_t * src, float * dst, size_t n) {
+    if (t == 0) {
+        std::memcpy(dst, src, n * 4);
+    } else if (t == 1 || t == 30) {
+        const bool bf = t == 30;
+        for (size_t i = 0; i < n; ++i) {
+            uint16_t h;
+            std::memcpy(&h, src + 2 * i, 2);
+            dst[i] = bf ? bf16_to_float(h) : half_to_float(h);
+        }
+    } else {
+        dtype_size(t);  // throws
+    }
+}
+
+void from_f32(int32_t t, const float * src, uint8_t * dst, size_t n) {
+    if (t == 0) {
+        std::memcpy(dst, src, n * 4);
+    } else if (t == 1 || t == 30) {
+        const bool bf = t == 30;
+        for (size_t i = 0; i < n; ++i) {
+            const uint16_t h = bf ? float_to_bf16(src[i]) : float_to_half(src[i]);
+            std::memcpy(dst + 2 * i, &h, 2);
+        }
+    } else {
+        dtype_size(t);
+    }
+}
+
+float round_trip(int32_t t, float x) {
+    uint8_t buf[4];
+    float y;
+    from_f32(t, &x, buf, 1);
+    to_f32(t, buf, &y, 1);
+    return y;
+}
+
+}  // namespace grkv

@@ -1,0 +1,73 @@
+// SnapKV scores (kvpress variant): what the observation window attends to.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "grkv/common.h"
+#include "grkv/score.h"
+
+namespace grkv {
+
+Scores score_snapkv(const LayerInput & in, int kernel) {
+    if (!in.q || in.w <= 0) throw Error("SnapKV needs the observation window's queries (none were captured)");
+    if (in.n_head % in.n_head_kv) throw Error("n_head must be a multiple of n_head_kv");
+    if (kernel < 1 || kernel % 2 == 0) throw Error("SnapKV pooling kernel must be odd and positive");
+    const int T = in.T, d = in.head_dim, G = in.n_head / in.n_head_kv;
+    const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
+    // Window = the tokens whose queries were captured (positions >= the first query's).
+    int prefix = 0;
+    while (prefix < T && in.pos[prefix] < qpos_min) ++prefix;
+
+    Scores sc;
+    sc.n_head_kv = in.n_head_kv;
+    sc.T = T;
+    sc.s.assign((size_t) in.n_head_kv * T, 0.0f);
+    sc.protect.assign(T, 0);
+    for (int t = prefix; t < T; ++t) sc.protect[t] = 1;
+
+    std::vector<float> attn_sum(T), logits(T);
+    std::vector<float> pooled(prefix);
+    for (int hq = 0; hq < in.n_head; ++hq) {
+        const int hk = hq / G;
+        std::fill(attn_sum.begin(), attn_sum.end(), 0.0f);
+        for (int j = 0; j < in.w; ++j) {
+            const float * q = in.q + ((size_t) j * in.n_head + hq) * d;
+            float mx = -std::numeric_limits<float>::infinity();
+            int n_vis = 0;
+            for (int t = 0; t < T; ++t) {
+                if (in.pos[t] > in.qpos[j]) break;  // causal: positions ascend
+                const float * k = in.k + ((size_t) t * in.n_head_kv + hk) * d;
+                float dot = 0.0f;
+                for (int e = 0; e < d; ++e) dot += q[e] * k[e];
+                logits[t] = dot * in.scale;
+                mx = std::max(mx, logits[t]);
+                n_vis = t + 1;
+            }
+            double z = 0.0;
+            for (int t = 0; t < n_vis; ++t) {
+                logits[t] = std::exp(logits[t] - mx);
+                z += logits[t];
+            }
+            const float inv = (float) (1.0 / z);
+            for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t] * inv;
+        }
+        // mean over window queries, then avg-pool (zero-padded, divide by kernel)
+        const int r = kernel / 2;
+        for (int t = 0; t < prefix; ++t) {
+            float acc = 0.0f;
+            for (int u = std::max(0, t - r); u <= std::min(prefix - 1, t + r); ++u) acc += attn_sum[u];
+            pooled[t] = acc / (float) (kernel * in.w);
+        }
+        float * out = sc.s.data() + (size_t) hk * T;
+        for (int t = 0; t < prefix; ++t) out[t] += pooled[t] / (float) G;
+    }
+    // Window tokens rank above every prefix token (they are protected anyway).
+    for (int hk = 0; hk < in.n_head_kv; ++hk) {
+        float * out = sc.s.data() + (size_t) hk * T;
+        const float top = prefix ? *std::max_element(out, out + prefix) + 1.0f : 1.0f;
+        for (int t = prefix; t < T; ++t) out[t] = top;
+    }
+    return sc;
+}
+
+}  // namespace grkv
