@@ -54,7 +54,9 @@ std::vector<LayerQueries> to_queries(const py::list & qs) {
 
 MethodParams method_params(const std::string & name, int kernel, int n_sink) {
     MethodParams m;
-    m.name = name;
+    // "snapkv-max" = SnapKV with max pooling
+    m.max_pool = name == "snapkv-max";
+    m.name = m.max_pool ? "snapkv" : name;
     m.kernel = kernel;
     m.n_sink = n_sink;
     return m;
@@ -230,7 +232,7 @@ PYBIND11_MODULE(_native, m) {
                   in.w = (int) qp.size();
               }
               Scores sc;
-              if (method == "snapkv") sc = score_snapkv(in, kernel);
+              if (method == "snapkv" || method == "snapkv-max") sc = score_snapkv(in, kernel, method == "snapkv-max");
               else if (method == "knorm") sc = score_knorm(in);
               else if (method == "streaming") sc = score_streaming(in, n_sink);
               else throw Error("unknown method " + method);

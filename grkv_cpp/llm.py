@@ -67,10 +67,11 @@ class CompressedLlama:
         add_bos = not (bos and text.startswith(bos))
         return self.tokenize(text, bos=add_bos)
 
-    def _question_tokens(self, question: str) -> list[int]:
+    def _question_tokens(self, question: str, answer_prefix: str = "") -> list[int]:
         if self._format is None:
             raise GrkvError("call compress() with a context first")
-        return self.tokenize(self._format.question_template.format(question=question), bos=False)
+        text = self._format.question_template.format(question=question) + answer_prefix
+        return self.tokenize(text, bos=False)
 
     def _check_room(self, n: int):
         if n > self.n_ctx:
@@ -91,7 +92,7 @@ class CompressedLlama:
     # ------------------------------------------------------------- compression
     def compress(self, context: str, *, method: str | Method = "snapkv", ratio: float | None = None,
                  budget: int | None = None, shared: bool = False, question: str | None = None,
-                 **method_params) -> Stats:
+                 answer_prefix: str = "", **method_params) -> Stats:
         """Prefill `context` and compress its cache to a kept `ratio` or `budget` tokens.
 
         Query-agnostic by default: the question is not seen, and any number of
@@ -104,7 +105,7 @@ class CompressedLlama:
         tokens = self._tokens_for(context)
         n_ctx_tokens = len(tokens)
         if question is not None:
-            tokens = tokens + self._question_tokens(question)
+            tokens = tokens + self._question_tokens(question, answer_prefix)
         self._check_room(len(tokens) + 1)
         window = 0
         if m.needs_queries:
@@ -193,12 +194,13 @@ class CompressedLlama:
             self.stats.generated_tokens += n
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-            stop: Sequence[str] = (), stream: bool = False):
+            stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False):
         """Answer `question` against the compressed context; the answer's KV is
-        removed afterwards so the next question sees the same context."""
+        removed afterwards so the next question sees the same context.
+        `answer_prefix` starts the answer (e.g. "The pass key is")."""
         if self._context_len == 0:
             raise GrkvError("call compress() or prefill() with a context first")
-        q = self._question_tokens(question)
+        q = self._question_tokens(question, answer_prefix)
         self._check_room(self._context_len + len(q) + max_tokens)
         self.stats.question_tokens = len(q)
         self.stats.decode_s = 0.0
@@ -217,9 +219,9 @@ class CompressedLlama:
         return run() if stream else "".join(run()).strip()
 
     def answer_query_aware(self, context: str, question: str, *, max_tokens: int = 64, temperature: float = 0.0,
-                           stop: Sequence[str] = (), **compress_kw) -> str:
+                           stop: Sequence[str] = (), answer_prefix: str = "", **compress_kw) -> str:
         """Compress with the question inside the observation window, then answer it."""
-        self.compress(context, question=question, **compress_kw)
+        self.compress(context, question=question, answer_prefix=answer_prefix, **compress_kw)
         return "".join(self.generate(max_tokens, temperature=temperature, stop=stop)).strip()
 
     def close(self):

@@ -18,7 +18,7 @@ class Needle:
 
 def passkey_needle(key: int) -> Needle:
     return Needle(f"The pass key is {key}. Remember it. {key} is the pass key. ",
-                  "What is the pass key?", str(key))
+                  "What is the pass key? Answer with the number only.", str(key))
 
 
 def haystack(n_filler: int, needles: list[tuple[float, Needle]]) -> str:

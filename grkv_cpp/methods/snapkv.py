@@ -11,6 +11,7 @@ class SnapKV(Method):
 
     window_size: int = 32
     kernel: int = 5
+    pooling: str = "avg"  # "avg" (kvpress) or "max" (original SnapKV option)
     name = "snapkv"
     needs_queries = True
 
@@ -19,10 +20,13 @@ class SnapKV(Method):
             raise ValueError("SnapKV window must be >= 1")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError("SnapKV kernel must be odd and >= 1")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError("SnapKV pooling must be 'avg' or 'max'")
 
     @property
     def window(self) -> int:
         return self.window_size
 
     def native_args(self) -> dict:
-        return {"method": "snapkv", "kernel": self.kernel, "n_sink": 0}
+        name = "snapkv" if self.pooling == "avg" else "snapkv-max"
+        return {"method": name, "kernel": self.kernel, "n_sink": 0}

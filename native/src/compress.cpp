@@ -62,7 +62,7 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
             in.q = lq.q.data();
             in.qpos = lq.qpos.data();
         }
-        if (m.name == "snapkv") out[l] = score_snapkv(in, m.kernel);
+        if (m.name == "snapkv") out[l] = score_snapkv(in, m.kernel, m.max_pool);
         else if (m.name == "knorm") out[l] = score_knorm(in);
         else out[l] = score_streaming(in, m.n_sink);
     });

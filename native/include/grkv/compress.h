@@ -13,6 +13,7 @@ namespace grkv {
 struct MethodParams {
     std::string name = "snapkv";   // "snapkv" | "knorm" | "streaming"
     int kernel = 5;                // SnapKV pooling kernel
+    bool max_pool = false;         // SnapKV pooling: average (kvpress) or max
     int n_sink = 4;                // StreamingLLM sinks
 };
 

@@ -24,9 +24,10 @@ struct Scores {
 };
 
 // SnapKV as in kvpress: window attention (causal inside the window), mean over
-// window queries, avg-pool over the prefix (zero padding, count_include_pad),
-// mean over each KV head's query group; the window is protected.
-Scores score_snapkv(const LayerInput & in, int kernel);
+// window queries, avg-pool over the prefix (zero padding, count_include_pad;
+// or max-pool, the original SnapKV's other option), mean over each KV head's
+// query group; the window is protected.
+Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool = false);
 // KNorm: keys with a low L2 norm are kept (score = -||k||).
 Scores score_knorm(const LayerInput & in);
 // StreamingLLM: the first n_sink tokens are protected, the rest ranked by recency.

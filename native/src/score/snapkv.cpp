@@ -8,7 +8,7 @@
 
 namespace grkv {
 
-Scores score_snapkv(const LayerInput & in, int kernel) {
+Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
     if (!in.q || in.w <= 0) throw Error("SnapKV needs the observation window's queries (none were captured)");
     if (in.n_head % in.n_head_kv) throw Error("n_head must be a multiple of n_head_kv");
     if (kernel < 1 || kernel % 2 == 0) throw Error("SnapKV pooling kernel must be odd and positive");
@@ -51,12 +51,15 @@ Scores score_snapkv(const LayerInput & in, int kernel) {
             const float inv = (float) (1.0 / z);
             for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t] * inv;
         }
-        // mean over window queries, then avg-pool (zero-padded, divide by kernel)
+        // mean over window queries, then pool over positions: average with zero
+        // padding (count_include_pad, as kvpress) or max (original SnapKV option)
         const int r = kernel / 2;
         for (int t = 0; t < prefix; ++t) {
             float acc = 0.0f;
-            for (int u = std::max(0, t - r); u <= std::min(prefix - 1, t + r); ++u) acc += attn_sum[u];
-            pooled[t] = acc / (float) (kernel * in.w);
+            for (int u = std::max(0, t - r); u <= std::min(prefix - 1, t + r); ++u) {
+                acc = max_pool ? std::max(acc, attn_sum[u]) : acc + attn_sum[u];
+            }
+            pooled[t] = acc / (float) ((max_pool ? 1 : kernel) * in.w);
         }
         float * out = sc.s.data() + (size_t) hk * T;
         for (int t = 0; t < prefix; ++t) out[t] += pooled[t] / (float) G;
