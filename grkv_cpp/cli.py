@@ -1,0 +1,131 @@
+"""The `grkv-cpp` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .methods import REGISTRY
+
+METHODS = ["full", *REGISTRY]
+
+
+def _model(path_or_name: str, **kw):
+    from .llm import CompressedLlama
+    from .loader import quiet
+    from .models import resolve_model
+
+    path = resolve_model(path_or_name)
+    verbose = kw.pop("verbose", False)
+    if verbose:
+        return CompressedLlama(path, verbose=True, **kw)
+    with quiet():
+        return CompressedLlama(path, **kw)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="grkv-cpp")
+def main():
+    """Compressed-KV-cache inference for GGUF models through llama.cpp."""
+
+
+@main.command()
+@click.option("--model", "model", default="smollm2", show_default=True,
+              help="GGUF path, or smollm2 / gemma3 from their PyPI packages.")
+@click.option("--kv-ratio", type=float, default=0.5, show_default=True, help="Kept fraction of the context.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+def demo(model, kv_ratio, threads):
+    """Full cache against compressed caches on a built-in long context."""
+    from .texts import demo_context
+
+    context, needles = demo_context()
+    m = _model(model, n_ctx=2048, n_threads=threads)
+    click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads)")
+    runs = [("full cache", None, {}), (f"snapkv, {kv_ratio:.0%} kept", "snapkv", {}),
+            (f"streaming, {kv_ratio:.0%} kept", "streaming", {}), (f"knorm, {kv_ratio:.0%} kept", "knorm", {})]
+    rows = []
+    for label, method, kw in runs:
+        st = m.prefill(context) if method is None else m.compress(context, method=method, ratio=kv_ratio, **kw)
+        click.echo(f"\n== {label}: {st.kv_cells_after}/{st.context_tokens} cells, "
+                   f"KV {_human_bytes(st.kv_bytes_after)} (full {_human_bytes(st.kv_bytes_before)}), "
+                   f"prefill {st.prefill_s:.2f}s, compress {st.compress_s * 1000:.0f} ms")
+        ok = 0
+        for nd in needles:
+            ans = m.ask(nd.question, max_tokens=16)
+            hit = nd.answer in ans
+            ok += hit
+            click.echo(f"  [{'ok' if hit else '--'}] {nd.question}  ->  {ans}  (decode {m.stats.decode_s:.2f}s)")
+        rows.append((label, ok))
+    click.echo(f"\nQuery-aware SnapKV (question inside the observation window), {kv_ratio / 2:.0%} kept:")
+    for nd in needles:
+        ans = m.answer_query_aware(context, nd.question, method="snapkv", ratio=kv_ratio / 2, max_tokens=16)
+        click.echo(f"  [{'ok' if nd.answer in ans else '--'}] {nd.question}  ->  {ans}")
+    click.echo("\nfacts found: " + ", ".join(f"{label} {ok}/{len(needles)}" for label, ok in rows))
+
+
+@main.command()
+@click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
+@click.option("--context-file", type=click.File("r"), required=True, help="Text file with the long context ('-' = stdin).")
+@click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
+@click.option("--method", type=click.Choice(METHODS), default="snapkv", show_default=True)
+@click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache.")
+@click.option("--kv-budget", type=int, default=None, help="Kept tokens (cells).")
+@click.option("--shared", is_flag=True, help="One token set for all layers and heads (default: per layer and KV head).")
+@click.option("--query-aware", is_flag=True, help="Compress with the (single) question inside the window.")
+@click.option("--window", type=int, default=32, show_default=True, help="SnapKV observation window.")
+@click.option("--kernel", type=int, default=5, show_default=True, help="SnapKV pooling kernel.")
+@click.option("--n-sink", type=int, default=4, show_default=True, help="StreamingLLM sink tokens.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--flash-attn", is_flag=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+def ask(model, context_file, questions, method, kv_ratio, kv_budget, shared, query_aware, window, kernel, n_sink,
+        max_tokens, n_ctx, flash_attn, threads, as_json, verbose):
+    """Answer questions about a long context from a compressed KV cache."""
+    if method != "full" and (kv_ratio is None) == (kv_budget is None):
+        raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
+    if query_aware and len(questions) != 1:
+        raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
+    context = context_file.read()
+    m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose)
+    params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(method, {})
+    results = []
+    if query_aware:
+        ans = m.answer_query_aware(context, questions[0], method=method, ratio=kv_ratio, budget=kv_budget,
+                                   shared=shared, max_tokens=max_tokens, **params)
+        results.append({"question": questions[0], "answer": ans, "stats": m.stats.to_dict()})
+    else:
+        if method == "full":
+            m.prefill(context)
+        else:
+            m.compress(context, method=method, ratio=kv_ratio, budget=kv_budget, shared=shared, **params)
+        for q in questions:
+            ans = m.ask(q, max_tokens=max_tokens)
+            results.append({"question": q, "answer": ans, "stats": m.stats.to_dict()})
+    if as_json:
+        json.dump({"model": model, "method": method, "kv_ratio": kv_ratio, "kv_budget": kv_budget,
+                   "shared": shared, "query_aware": query_aware, "results": results}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    st = results[0]["stats"]
+    click.echo(f"context {st['context_tokens']} tokens; KV cells {st['kv_cells_before']} -> {st['kv_cells_after']}, "
+               f"bytes {_human_bytes(st['kv_bytes_before'])} -> {_human_bytes(st['kv_bytes_after'])}; "
+               f"prefill {st['prefill_s']:.2f}s, compress {st['compress_s'] * 1000:.0f} ms")
+    for r in results:
+        click.echo(f"Q: {r['question']}\nA: {r['answer']}  ({r['stats']['decode_s']:.2f}s)")
+
+
+if __name__ == "__main__":
+    main()
