@@ -19,9 +19,11 @@ CONFIGS = [("snapkv", False), ("snapkv", True), ("knorm", False), ("streaming", 
 
 def context_of(m, n_tokens):
     """Filler context of about n_tokens tokens for this model's tokenizer."""
-    n = 8
-    while len(m._tokens_for(haystack(n, [(0.5, passkey_needle(12345))]))) < n_tokens:
-        n = int(n * 1.3) + 1
+    def count(n):
+        return len(m._tokens_for(haystack(n, [(0.5, passkey_needle(12345))])))
+
+    base, per_block = count(0), (count(20) - count(0)) / 20
+    n = max(0, int((n_tokens - base) / per_block))
     return haystack(n, [(0.5, passkey_needle(12345))])
 
 
