@@ -9,6 +9,8 @@
 #include "grkv/capture.h"
 #include "grkv/common.h"
 #include "grkv/compress.h"
+#include "grkv/merge.h"
+#include "grkv/rope.h"
 #include "grkv/select.h"
 #include "grkv/state_blob.h"
 
@@ -168,6 +170,59 @@ PYBIND11_MODULE(_native, m) {
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
              py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared") = false,
              py::arg("n_threads") = 1)
+        .def("compress",
+             [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
+                float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
+                const std::string & merge, float lambda, float cap_v, float cap_k, int steps, bool update_k,
+                float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads) {
+                 CompressRequest req;
+                 req.method = method_params(method, kernel, n_sink);
+                 req.shape = ModelShape{n_head, n_head_kv, scale};
+                 req.queries = to_queries(queries);
+                 req.budget = budget;
+                 req.shared = shared;
+                 req.label_end = label_end;
+                 req.merge.name = merge;
+                 req.merge.guard = guard;
+                 req.merge.grkv.lambda = lambda;
+                 req.merge.grkv.cap_v = cap_v;
+                 req.merge.grkv.cap_k = cap_k;
+                 req.merge.grkv.steps = steps;
+                 req.merge.grkv.update_k = update_k;
+                 req.merge.grkv.cg_iters = cg_iters;
+                 for (auto item : surrogate) {
+                     auto tup = item.cast<py::tuple>();
+                     auto q = tup[0].cast<carray<float>>();
+                     auto qp = tup[1].cast<carray<int32_t>>();
+                     LayerSurrogate ls;
+                     ls.q.assign(q.data(), q.data() + q.size());
+                     ls.qpos.assign(qp.data(), qp.data() + qp.size());
+                     ls.causal = tup[2].cast<bool>();
+                     ls.weight = tup[3].cast<float>();
+                     req.surrogate.push_back(std::move(ls));
+                 }
+                 req.window_start = window_start;
+                 req.n_threads = n_threads;
+                 CompressOutcome out;
+                 const int L = (int) active(s, part).k.size();
+                 {
+                     py::gil_scoped_release nogil;
+                     out = compress_stream(active_mut(s, part), req);
+                 }
+                 py::dict rep;
+                 rep["choice"] = out.report.choice;
+                 rep["obj_none"] = out.report.obj_none;
+                 rep["obj_v"] = out.report.obj_v;
+                 rep["obj_kv"] = out.report.obj_kv;
+                 rep["n_mutable"] = out.report.n_mutable;
+                 return py::make_tuple(to_numpy(std::move(out.keep), {L, n_head_kv, budget}), rep);
+             },
+             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
+             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared"),
+             py::arg("label_end"), py::arg("merge") = "none", py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f,
+             py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
+             py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
+             py::arg("n_threads") = 1)
         .def("apply_per_head",
              [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end, py::object new_k, py::object new_v) {
                  if (keep.ndim() != 3) throw Error("keep must be [n_layer, n_head_kv, budget]");
@@ -262,6 +317,107 @@ PYBIND11_MODULE(_native, m) {
               std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
               return to_numpy(std::move(out), shape);
           });
+
+    py::class_<GrkvProblem>(m, "GrkvProblem")
+        .def(py::init([](carray<float> q, carray<float> w, carray<uint8_t> vis, carray<float> ostar, carray<float> k0,
+                         carray<float> v0, carray<uint8_t> mut, float scale) {
+                 GrkvProblem p;
+                 p.R = (int) q.shape(0);
+                 p.d = (int) q.shape(1);
+                 p.B = (int) k0.shape(0);
+                 p.scale = scale;
+                 if (w.size() != p.R || vis.size() != (py::ssize_t) p.R * p.B || ostar.size() != (py::ssize_t) p.R * p.d ||
+                     k0.size() != (py::ssize_t) p.B * p.d || v0.size() != k0.size() || mut.size() != p.B) {
+                     throw Error("GrkvProblem: inconsistent shapes");
+                 }
+                 p.q.assign(q.data(), q.data() + q.size());
+                 p.w.assign(w.data(), w.data() + w.size());
+                 p.vis.assign(vis.data(), vis.data() + vis.size());
+                 p.ostar.assign(ostar.data(), ostar.data() + ostar.size());
+                 p.k0.assign(k0.data(), k0.data() + k0.size());
+                 p.v0.assign(v0.data(), v0.data() + v0.size());
+                 p.mut.assign(mut.data(), mut.data() + mut.size());
+                 return p;
+             }),
+             py::arg("q"), py::arg("w"), py::arg("vis"), py::arg("ostar"), py::arg("k0"), py::arg("v0"), py::arg("mut"),
+             py::arg("scale"));
+    auto bd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.B, p.d}; };
+    auto rd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.R, p.d}; };
+    m.def("grkv_student", [](const GrkvProblem & p, carray<float> K, carray<float> V) {
+        std::vector<float> A, O;
+        grkv_student(p, K.data(), V.data(), A, O);
+        return py::make_tuple(to_numpy(std::move(A), {p.R, p.B}), to_numpy(std::move(O), {p.R, p.d}));
+    });
+    m.def("grkv_objective", [](const GrkvProblem & p, carray<float> K, carray<float> V, float lam) {
+        return grkv_objective(p, K.data(), V.data(), lam);
+    });
+    m.def("grkv_value_step", [bd](const GrkvProblem & p, carray<float> K, float lam) {
+        return to_numpy(grkv_value_step(p, K.data(), lam), bd(p));
+    });
+    m.def("grkv_jvp", [rd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> D) {
+        std::vector<float> A, O;
+        grkv_student(p, K.data(), V.data(), A, O);
+        return to_numpy(grkv_jvp(p, A, O, V.data(), D.data()), rd(p));
+    });
+    m.def("grkv_vjp", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> U) {
+        std::vector<float> A, O;
+        grkv_student(p, K.data(), V.data(), A, O);
+        return to_numpy(grkv_vjp(p, A, O, V.data(), U.data()), bd(p));
+    });
+    m.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol) {
+        GrkvParams prm;
+        prm.lambda = lam;
+        prm.cg_iters = iters;
+        prm.cg_tol = tol;
+        return to_numpy(grkv_key_step(p, K.data(), V.data(), prm), bd(p));
+    }, py::arg("p"), py::arg("K"), py::arg("V"), py::arg("lam") = 0.01f, py::arg("iters") = 16, py::arg("tol") = 1e-6f);
+    m.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype) {
+        GrkvParams prm;
+        prm.lambda = lam;
+        prm.cap_v = cap_v;
+        prm.cap_k = cap_k;
+        prm.steps = steps;
+        prm.dtype = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : 0;
+        GrkvResult r = grkv_fit(p, prm);
+        py::dict out;
+        out["k"] = to_numpy(r.k, bd(p));
+        out["v"] = to_numpy(r.v, bd(p));
+        out["cand_obj"] = r.cand_obj;
+        py::list ck, cv;
+        for (auto & x : r.cand_k) ck.append(to_numpy(x, bd(p)));
+        for (auto & x : r.cand_v) cv.append(to_numpy(x, bd(p)));
+        out["cand_k"] = ck;
+        out["cand_v"] = cv;
+        return out;
+    }, py::arg("p"), py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f, py::arg("cap_k") = 0.025f, py::arg("steps") = 1,
+       py::arg("dtype") = "f32");
+    m.def("merge_head", [](const std::string & name, carray<float> k, carray<float> v, carray<int32_t> pos,
+                           carray<int32_t> keep) {
+        HeadKV h;
+        h.k = k.data();
+        h.v = v.data();
+        h.T = (int) k.shape(0);
+        h.d = (int) k.shape(1);
+        h.stride = h.d;
+        h.pos = pos.data();
+        h.keep = keep.data();
+        h.B = (int) keep.size();
+        std::vector<float> ok((size_t) h.B * h.d), ov((size_t) h.B * h.d);
+        if (name == "merge") merge_values(h, ok.data(), ov.data());
+        else if (name == "pivot" || name == "weighted") merge_nearest(h, name == "weighted", ok.data(), ov.data());
+        else throw Error("unknown merge " + name);
+        return py::make_tuple(to_numpy(std::move(ok), {h.B, h.d}), to_numpy(std::move(ov), {h.B, h.d}));
+    });
+    m.def("rope_rotate", [](carray<float> x, int n_rot, float base, float scale, bool neox, carray<double> delta) {
+        std::vector<float> out(x.data(), x.data() + x.size());
+        const int d = (int) x.shape(x.ndim() - 1);
+        const size_t n = out.size() / d;
+        if ((size_t) delta.size() != n) throw Error("one delta per vector");
+        RopeParams p{n_rot, base, scale, neox};
+        for (size_t i = 0; i < n; ++i) rope_rotate(out.data() + i * d, p, delta.data()[i]);
+        std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+        return to_numpy(std::move(out), shape);
+    });
 
     py::class_<Capture>(m, "Capture")
         .def(py::init<uintptr_t, uintptr_t>(), py::arg("tensor_get_fn"), py::arg("op_name_fn"))

@@ -38,3 +38,56 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
 std::vector<int32_t> select_layers_per_head(const std::vector<Scores> & scores, int budget, int n_threads);
 
 }  // namespace grkv
+
+#include "grkv/merge.h"
+
+namespace grkv {
+
+struct MergeParams {
+    std::string name = "none";     // none | merge | pivot | weighted | grkv
+    GrkvParams grkv;
+    float guard = 0.1f;            // GRKV: fraction of the kept prefix fixed as anchors
+};
+
+// Surrogate queries of one cache layer for GRKV: [n_q][n_head][head_dim].
+struct LayerSurrogate {
+    std::vector<float> q;
+    std::vector<int32_t> qpos;     // causal: query j sees positions <= qpos[j]
+    bool causal = true;
+    float weight = 1.0f;
+};
+
+struct MergeReport {
+    std::vector<int> choice;                           // per layer: index into the candidates
+    std::vector<double> obj_none, obj_v, obj_kv;       // per layer, summed over heads
+    std::vector<int> n_mutable;                        // per layer, summed over heads
+};
+
+struct CompressRequest {
+    MethodParams method;
+    ModelShape shape;
+    std::vector<LayerQueries> queries;     // scoring window (SnapKV)
+    int budget = 0;
+    bool shared = false;
+    int32_t label_end = 0;
+    MergeParams merge;
+    std::vector<LayerSurrogate> surrogate; // GRKV only
+    int32_t window_start = 0;              // tokens at/after this position stay fixed (GRKV)
+    int n_threads = 1;
+};
+
+struct CompressOutcome {
+    std::vector<int32_t> keep;             // [L][n_head_kv][budget]
+    MergeReport report;
+};
+
+// score -> select -> merge -> rebuild the stream (replaces `st`). Per-head
+// selections use the contiguous-label layout; a shared selection without a
+// merge keeps original positions.
+void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, int n_head_kv, int budget,
+                  const std::vector<Scores> & scores, const CompressRequest & req, std::vector<float> & new_k,
+                  std::vector<float> & new_v, MergeReport & rep);
+
+CompressOutcome compress_stream(Stream & st, const CompressRequest & req);
+
+}  // namespace grkv

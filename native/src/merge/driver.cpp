@@ -1,0 +1,206 @@
+// Runs the selected merge over every (layer, KV head) of a stream; GRKV's
+// safeguard chooses one candidate per layer by the summed objective.
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <mutex>
+
+#include "grkv/select.h"
+#include <numeric>
+
+#include "grkv/common.h"
+#include "grkv/compress.h"
+
+namespace grkv {
+
+namespace {
+
+GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurrogate & sq, int n_head, float scale,
+                          const std::vector<uint8_t> & mut) {
+    const int d = h.d, n_q = (int) sq.qpos.size();
+    GrkvProblem p;
+    p.R = G * n_q;
+    p.B = h.B;
+    p.d = d;
+    p.scale = scale;
+    p.q.resize((size_t) p.R * d);
+    p.w.assign(p.R, sq.weight);
+    p.vis.assign((size_t) p.R * h.B, 1);
+    p.ostar.assign((size_t) p.R * d, 0.0f);
+    p.k0.resize((size_t) h.B * d);
+    p.v0.resize((size_t) h.B * d);
+    p.mut = mut;
+    for (int s = 0; s < h.B; ++s) {
+        for (int e = 0; e < d; ++e) {
+            p.k0[(size_t) s * d + e] = h.kv(h.keep[s], e, true);
+            p.v0[(size_t) s * d + e] = h.kv(h.keep[s], e, false);
+        }
+    }
+    std::vector<double> l(h.T);
+    for (int g = 0; g < G; ++g) {
+        for (int j = 0; j < n_q; ++j) {
+            const int r = g * n_q + j;
+            const float * q = sq.q.data() + ((size_t) j * n_head + (size_t) kv_head * G + g) * d;
+            std::copy(q, q + d, p.q.begin() + (size_t) r * d);
+            // teacher: all visible tokens of the full cache
+            double mx = -1e300;
+            int n_vis = 0;
+            for (int t = 0; t < h.T; ++t) {
+                if (sq.causal && h.pos[t] > sq.qpos[j]) break;
+                double s = 0;
+                for (int e = 0; e < d; ++e) s += (double) q[e] * h.kv(t, e, true);
+                l[t] = s * scale;
+                mx = std::max(mx, l[t]);
+                n_vis = t + 1;
+            }
+            double z = 0;
+            for (int t = 0; t < n_vis; ++t) z += (l[t] = std::exp(l[t] - mx));
+            float * o = p.ostar.data() + (size_t) r * d;
+            for (int t = 0; t < n_vis; ++t) {
+                const double a = l[t] / z;
+                for (int e = 0; e < d; ++e) o[e] += (float) (a * h.kv(t, e, false));
+            }
+            if (sq.causal) {
+                for (int s = 0; s < h.B; ++s) p.vis[(size_t) r * h.B + s] = h.pos[h.keep[s]] <= sq.qpos[j];
+            }
+        }
+    }
+    return p;
+}
+
+}  // namespace
+
+void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, int n_head_kv, int budget,
+                  const std::vector<Scores> & scores, const CompressRequest & req, std::vector<float> & new_k,
+                  std::vector<float> & new_v, MergeReport & rep) {
+    const Stream & st = *view.s;
+    const int L = (int) st.k.size(), T = view.n_tokens();
+    const size_t wk = st.k[0].n_embd, wv = st.v[0].n_embd;
+    if (wk != wv) throw Error("merging needs equal K and V widths");
+    const int d = (int) wk / n_head_kv;
+    const auto & mp = req.merge;
+    const bool grkv = mp.name == "grkv";
+    if (mp.name != "merge" && mp.name != "pivot" && mp.name != "weighted" && !grkv) {
+        throw Error("unknown merge '" + mp.name + "' (none, merge, pivot, weighted, grkv)");
+    }
+    if (grkv && (int) req.surrogate.size() != L) throw Error("GRKV needs surrogate queries for every cache layer");
+    new_k.assign((size_t) L * budget * wk, 0.0f);
+    new_v.assign((size_t) L * budget * wv, 0.0f);
+    rep.choice.assign(L, 0);
+    rep.obj_none.assign(L, 0);
+    rep.obj_v.assign(L, 0);
+    rep.obj_kv.assign(L, 0);
+    rep.n_mutable.assign(L, 0);
+    const std::vector<int32_t> pos = view.positions();
+    std::exception_ptr err;
+    std::mutex mu;
+    const int G = req.shape.n_head / n_head_kv;
+#pragma omp parallel for schedule(dynamic) num_threads(req.n_threads > 0 ? req.n_threads : 1)
+    for (int l = 0; l < L; ++l) {
+        try {
+            const std::vector<float> K = view.keys(l), V = view.values(l);
+            std::vector<GrkvResult> fits;
+            std::vector<std::vector<float>> outk(n_head_kv), outv(n_head_kv);
+            for (int h = 0; h < n_head_kv; ++h) {
+                HeadKV hk;
+                hk.k = K.data();
+                hk.v = V.data();
+                hk.T = T;
+                hk.d = d;
+                hk.stride = wk;
+                hk.offset = (size_t) h * d;
+                hk.pos = pos.data();
+                hk.keep = keep.data() + ((size_t) l * n_head_kv + h) * budget;
+                hk.B = budget;
+                outk[h].resize((size_t) budget * d);
+                outv[h].resize((size_t) budget * d);
+                if (mp.name == "merge") {
+                    merge_values(hk, outk[h].data(), outv[h].data());
+                } else if (!grkv) {
+                    merge_nearest(hk, mp.name == "weighted", outk[h].data(), outv[h].data());
+                } else {
+                    // fixed: the observation window and the top `guard` of the kept prefix by score
+                    std::vector<uint8_t> mut(budget, 1);
+                    std::vector<int> prefix;
+                    for (int s = 0; s < budget; ++s) {
+                        if (pos[hk.keep[s]] >= req.window_start) mut[s] = 0;
+                        else prefix.push_back(s);
+                    }
+                    const int n_anchor = (int) (mp.guard * prefix.size());
+                    const float * sc = scores[l].s.data() + (size_t) h * T;
+                    std::partial_sort(prefix.begin(), prefix.begin() + n_anchor, prefix.end(), [&](int a, int b) {
+                        return sc[hk.keep[a]] > sc[hk.keep[b]];
+                    });
+                    for (int i = 0; i < n_anchor; ++i) mut[prefix[i]] = 0;
+                    GrkvParams gp = mp.grkv;
+                    gp.dtype = st.k[l].type;
+                    const GrkvProblem p = build_problem(hk, h, G, req.surrogate[l], req.shape.n_head,
+                                                        req.shape.scale, mut);
+                    fits.push_back(grkv_fit(p, gp));
+                    rep.n_mutable[l] += (int) std::count(mut.begin(), mut.end(), 1);
+                }
+            }
+            if (grkv) {  // per-layer safeguard over the candidates, objectives summed over heads
+                const size_t nc = fits[0].cand_obj.size();
+                std::vector<double> tot(nc, 0.0);
+                for (const auto & f : fits) for (size_t c = 0; c < nc; ++c) tot[c] += f.cand_obj[c];
+                const int best = (int) (std::min_element(tot.begin(), tot.end()) - tot.begin());
+                rep.choice[l] = best;
+                for (const auto & f : fits) {
+                    rep.obj_none[l] += f.obj_none;
+                    rep.obj_v[l] += f.obj_v;
+                    rep.obj_kv[l] += f.obj_kv;
+                }
+                for (int h = 0; h < n_head_kv; ++h) {
+                    outk[h] = fits[h].cand_k[best];
+                    outv[h] = fits[h].cand_v[best];
+                }
+            }
+            for (int h = 0; h < n_head_kv; ++h) {
+                for (int s = 0; s < budget; ++s) {
+                    std::copy(outk[h].begin() + (size_t) s * d, outk[h].begin() + (size_t) (s + 1) * d,
+                              new_k.begin() + ((size_t) l * budget + s) * wk + (size_t) h * d);
+                    std::copy(outv[h].begin() + (size_t) s * d, outv[h].begin() + (size_t) (s + 1) * d,
+                              new_v.begin() + ((size_t) l * budget + s) * wv + (size_t) h * d);
+                }
+            }
+        } catch (...) {
+            std::lock_guard<std::mutex> lk(mu);
+            if (!err) err = std::current_exception();
+        }
+    }
+    if (err) std::rethrow_exception(err);
+}
+
+CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
+    CompressOutcome out;
+    StreamView view(st);
+    const int L = (int) st.k.size();
+    const int Hkv = req.shape.n_head_kv;
+    std::vector<Scores> sc = score_layers(view, req.method, req.shape, req.queries, req.n_threads);
+    if (req.shared) {
+        const std::vector<int32_t> one = select_shared(sc, req.budget);
+        if (req.merge.name == "none") {
+            Stream ns = compact_shared(view, one);
+            out.keep.reserve((size_t) L * Hkv * req.budget);
+            for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
+            st = std::move(ns);
+            return out;
+        }
+        for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
+    } else {
+        out.keep = select_layers_per_head(sc, req.budget, req.n_threads);
+    }
+    Stream ns;
+    if (req.merge.name == "none") {
+        ns = compact_per_head(view, out.keep, Hkv, req.budget, req.label_end);
+    } else {
+        std::vector<float> nk, nv;
+        merge_layers(view, out.keep, Hkv, req.budget, sc, req, nk, nv, out.report);
+        ns = compact_per_head(view, out.keep, Hkv, req.budget, req.label_end, nk.data(), nv.data());
+    }
+    st = std::move(ns);
+    return out;
+}
+
+}  // namespace grkv

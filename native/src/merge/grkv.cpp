@@ -1,0 +1,291 @@
+// GRKV (arXiv 2605.31105), from docs/grkv-spec.md §4: ridge regression of the
+// kept slots' V (closed form, dual) and K (one Gauss-Newton step, CG) so that
+// attention over the kept set reproduces full-cache attention on surrogate queries.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "grkv/common.h"
+#include "grkv/merge.h"
+
+namespace grkv {
+namespace {
+
+double dot(const float * a, const float * b, int n) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += (double) a[i] * b[i];
+    return s;
+}
+
+// In-place Cholesky of an SPD n x n matrix (lower), then solve for nrhs columns.
+void cholesky_solve(std::vector<double> & M, int n, std::vector<double> & rhs, int nrhs) {
+    for (int j = 0; j < n; ++j) {
+        double s = M[(size_t) j * n + j];
+        for (int k = 0; k < j; ++k) s -= M[(size_t) j * n + k] * M[(size_t) j * n + k];
+        if (s <= 0) throw Error("GRKV: value-step system is not positive definite");
+        const double ljj = std::sqrt(s);
+        M[(size_t) j * n + j] = ljj;
+        for (int i = j + 1; i < n; ++i) {
+            double t = M[(size_t) i * n + j];
+            for (int k = 0; k < j; ++k) t -= M[(size_t) i * n + k] * M[(size_t) j * n + k];
+            M[(size_t) i * n + j] = t / ljj;
+        }
+    }
+    for (int c = 0; c < nrhs; ++c) {  // rhs is [n][nrhs]
+        for (int i = 0; i < n; ++i) {
+            double t = rhs[(size_t) i * nrhs + c];
+            for (int k = 0; k < i; ++k) t -= M[(size_t) i * n + k] * rhs[(size_t) k * nrhs + c];
+            rhs[(size_t) i * nrhs + c] = t / M[(size_t) i * n + i];
+        }
+        for (int i = n - 1; i >= 0; --i) {
+            double t = rhs[(size_t) i * nrhs + c];
+            for (int k = i + 1; k < n; ++k) t -= M[(size_t) k * n + i] * rhs[(size_t) k * nrhs + c];
+            rhs[(size_t) i * nrhs + c] = t / M[(size_t) i * n + i];
+        }
+    }
+}
+
+}  // namespace
+
+void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::vector<float> & A,
+                  std::vector<float> & O) {
+    const int R = p.R, B = p.B, d = p.d;
+    A.assign((size_t) R * B, 0.0f);
+    O.assign((size_t) R * d, 0.0f);
+    std::vector<double> l(B);
+    for (int r = 0; r < R; ++r) {
+        const float * q = p.q.data() + (size_t) r * d;
+        const uint8_t * vis = p.vis.data() + (size_t) r * B;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int s = 0; s < B; ++s) {
+            if (!vis[s]) continue;
+            l[s] = p.scale * dot(q, K + (size_t) s * d, d);
+            mx = std::max(mx, l[s]);
+        }
+        if (mx == -std::numeric_limits<double>::infinity()) continue;  // sees nothing
+        double z = 0;
+        for (int s = 0; s < B; ++s) if (vis[s]) z += (l[s] = std::exp(l[s] - mx));
+        float * a = A.data() + (size_t) r * B;
+        float * o = O.data() + (size_t) r * d;
+        for (int s = 0; s < B; ++s) {
+            if (!vis[s]) continue;
+            a[s] = (float) (l[s] / z);
+            const float * v = V + (size_t) s * d;
+            for (int e = 0; e < d; ++e) o[e] += a[s] * v[e];
+        }
+    }
+}
+
+double grkv_objective(const GrkvProblem & p, const float * K, const float * V, float lambda) {
+    std::vector<float> A, O;
+    grkv_student(p, K, V, A, O);
+    double L = 0;
+    for (int r = 0; r < p.R; ++r) {
+        double e = 0;
+        for (int c = 0; c < p.d; ++c) {
+            const double diff = (double) O[(size_t) r * p.d + c] - p.ostar[(size_t) r * p.d + c];
+            e += diff * diff;
+        }
+        L += p.w[r] * e;
+    }
+    double reg = 0;
+    for (int s = 0; s < p.B; ++s) {
+        if (!p.mut[s]) continue;
+        for (int c = 0; c < p.d; ++c) {
+            const size_t i = (size_t) s * p.d + c;
+            const double dk = (double) K[i] - p.k0[i], dv = (double) V[i] - p.v0[i];
+            reg += dk * dk + dv * dv;
+        }
+    }
+    return L + lambda * reg;
+}
+
+std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float lambda) {
+    const int R = p.R, B = p.B, d = p.d;
+    std::vector<float> A, O0;
+    grkv_student(p, K, p.v0.data(), A, O0);
+    // At = sqrt(w) * A[:, M]; residual Rt = sqrt(w) * (O* - A V0)
+    std::vector<double> At((size_t) R * B), Rt((size_t) R * d);
+    for (int r = 0; r < R; ++r) {
+        const double sw = std::sqrt((double) p.w[r]);
+        for (int s = 0; s < B; ++s) At[(size_t) r * B + s] = p.mut[s] ? sw * A[(size_t) r * B + s] : 0.0;
+        for (int c = 0; c < d; ++c) {
+            Rt[(size_t) r * d + c] = sw * ((double) p.ostar[(size_t) r * d + c] - O0[(size_t) r * d + c]);
+        }
+    }
+    std::vector<double> M((size_t) R * R);
+    for (int i = 0; i < R; ++i) {
+        for (int j = 0; j <= i; ++j) {
+            double s = 0;
+            for (int t = 0; t < B; ++t) s += At[(size_t) i * B + t] * At[(size_t) j * B + t];
+            M[(size_t) i * R + j] = M[(size_t) j * R + i] = s + (i == j ? lambda : 0.0);
+        }
+    }
+    cholesky_solve(M, R, Rt, d);  // Rt <- beta = (At At^T + lambda I)^-1 Rt
+    std::vector<float> dV((size_t) B * d, 0.0f);
+    for (int s = 0; s < B; ++s) {
+        if (!p.mut[s]) continue;
+        for (int c = 0; c < d; ++c) {
+            double acc = 0;
+            for (int r = 0; r < R; ++r) acc += At[(size_t) r * B + s] * Rt[(size_t) r * d + c];
+            dV[(size_t) s * d + c] = (float) acc;
+        }
+    }
+    return dV;
+}
+
+std::vector<float> grkv_jvp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
+                            const float * V, const float * D) {
+    const int R = p.R, B = p.B, d = p.d;
+    std::vector<float> out((size_t) R * d, 0.0f);
+    std::vector<double> acc(d);
+    for (int r = 0; r < R; ++r) {
+        const float * q = p.q.data() + (size_t) r * d;
+        const float * o = O.data() + (size_t) r * d;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int s = 0; s < B; ++s) {
+            const float a = A[(size_t) r * B + s];
+            if (!p.mut[s] || a == 0.0f) continue;
+            const double dl = p.scale * dot(q, D + (size_t) s * d, d);
+            const float * v = V + (size_t) s * d;
+            for (int c = 0; c < d; ++c) acc[c] += a * dl * ((double) v[c] - o[c]);
+        }
+        const double sw = std::sqrt((double) p.w[r]);
+        for (int c = 0; c < d; ++c) out[(size_t) r * d + c] = (float) (sw * acc[c]);
+    }
+    return out;
+}
+
+std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
+                            const float * V, const float * U) {
+    const int R = p.R, B = p.B, d = p.d;
+    std::vector<float> out((size_t) B * d, 0.0f);
+    std::vector<double> uo(R);
+    for (int r = 0; r < R; ++r) uo[r] = dot(U + (size_t) r * d, O.data() + (size_t) r * d, d);
+    std::vector<double> acc(d);
+    for (int s = 0; s < B; ++s) {
+        if (!p.mut[s]) continue;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        const float * v = V + (size_t) s * d;
+        for (int r = 0; r < R; ++r) {
+            const float a = A[(size_t) r * B + s];
+            if (a == 0.0f) continue;
+            const double coef = std::sqrt((double) p.w[r]) * a * (dot(U + (size_t) r * d, v, d) - uo[r]);
+            const float * q = p.q.data() + (size_t) r * d;
+            for (int c = 0; c < d; ++c) acc[c] += coef * q[c];
+        }
+        for (int c = 0; c < d; ++c) out[(size_t) s * d + c] = (float) (p.scale * acc[c]);
+    }
+    return out;
+}
+
+std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const float * V, const GrkvParams & prm) {
+    const int R = p.R, B = p.B, d = p.d;
+    std::vector<float> A, O;
+    grkv_student(p, Kc, V, A, O);
+    std::vector<float> c((size_t) B * d, 0.0f);
+    for (size_t i = 0; i < c.size(); ++i) c[i] = p.mut[i / d] ? Kc[i] - p.k0[i] : 0.0f;
+    const std::vector<float> Jc = grkv_jvp(p, A, O, V, c.data());
+    std::vector<double> b((size_t) R * d);
+    for (int r = 0; r < R; ++r) {
+        const double sw = std::sqrt((double) p.w[r]);
+        for (int e = 0; e < d; ++e) {
+            const size_t i = (size_t) r * d + e;
+            b[i] = sw * ((double) p.ostar[i] - O[i]) + Jc[i];
+        }
+    }
+    // CG on (J J^T + lambda I) u = b
+    const size_t n = b.size();
+    std::vector<double> x(n, 0.0), res = b, dir = b;
+    std::vector<float> dirf(n);
+    double rs = 0, bnorm = 0;
+    for (size_t i = 0; i < n; ++i) rs += res[i] * res[i];
+    bnorm = std::sqrt(rs);
+    if (bnorm > 0) {
+        for (int it = 0; it < prm.cg_iters; ++it) {
+            for (size_t i = 0; i < n; ++i) dirf[i] = (float) dir[i];
+            const std::vector<float> jt = grkv_vjp(p, A, O, V, dirf.data());
+            const std::vector<float> jjt = grkv_jvp(p, A, O, V, jt.data());
+            double pAp = 0;
+            std::vector<double> Ap(n);
+            for (size_t i = 0; i < n; ++i) {
+                Ap[i] = jjt[i] + prm.lambda * dir[i];
+                pAp += dir[i] * Ap[i];
+            }
+            if (pAp <= 0) break;
+            const double alpha = rs / pAp;
+            double rs_new = 0;
+            for (size_t i = 0; i < n; ++i) {
+                x[i] += alpha * dir[i];
+                res[i] -= alpha * Ap[i];
+                rs_new += res[i] * res[i];
+            }
+            if (std::sqrt(rs_new) <= prm.cg_tol * bnorm) break;
+            const double beta = rs_new / rs;
+            rs = rs_new;
+            for (size_t i = 0; i < n; ++i) dir[i] = res[i] + beta * dir[i];
+        }
+    }
+    std::vector<float> xf(n);
+    for (size_t i = 0; i < n; ++i) xf[i] = (float) x[i];
+    return grkv_vjp(p, A, O, V, xf.data());  // new total offset K - K0
+}
+
+std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vector<float> & dX,
+                                  const std::vector<uint8_t> & mut, int d, float cap, int32_t dtype) {
+    double n0 = 0, nd = 0;
+    for (size_t i = 0; i < X0.size(); ++i) {
+        if (!mut[i / d]) continue;
+        n0 += (double) X0[i] * X0[i];
+        nd += (double) dX[i] * dX[i];
+    }
+    n0 = std::sqrt(n0);
+    nd = std::sqrt(nd);
+    double s = 1.0;
+    if (cap > 0 && nd > 0) s = std::min(1.0, cap * n0 / nd);
+    std::vector<float> X = X0;
+    for (int attempt = 0; attempt <= 4; ++attempt) {
+        double nr = 0;
+        for (size_t i = 0; i < X0.size(); ++i) {
+            if (!mut[i / d]) continue;
+            X[i] = round_trip(dtype, (float) (X0[i] + s * dX[i]));
+            const double diff = (double) X[i] - X0[i];
+            nr += diff * diff;
+        }
+        if (cap <= 0 || std::sqrt(nr) <= cap * n0) return X;
+        s *= 0.9;
+    }
+    return X0;  // rounding keeps pushing past the cap: leave the head unchanged
+}
+
+GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm) {
+    if (prm.steps < 1) throw Error("GRKV steps must be >= 1");
+    GrkvResult res;
+    const int d = p.d;
+    auto add = [&](const std::vector<float> & K, const std::vector<float> & V) {
+        res.cand_k.push_back(K);
+        res.cand_v.push_back(V);
+        res.cand_obj.push_back(grkv_objective(p, K.data(), V.data(), prm.lambda));
+    };
+    add(p.k0, p.v0);
+    std::vector<float> K = p.k0, V = p.v0;
+    for (int step = 0; step < prm.steps; ++step) {
+        const std::vector<float> dV = grkv_value_step(p, K.data(), prm.lambda);
+        V = grkv_cap_round(p.v0, dV, p.mut, d, prm.cap_v, prm.dtype);
+        add(K, V);
+        if (prm.update_k) {
+            std::vector<float> dK = grkv_key_step(p, K.data(), V.data(), prm);
+            K = grkv_cap_round(p.k0, dK, p.mut, d, prm.cap_k, prm.dtype);
+            add(K, V);
+        }
+    }
+    res.obj_none = res.cand_obj[0];
+    res.obj_v = res.cand_obj[res.cand_obj.size() - (prm.update_k ? 2 : 1)];
+    res.obj_kv = res.cand_obj.back();
+    const size_t best = std::min_element(res.cand_obj.begin(), res.cand_obj.end()) - res.cand_obj.begin();
+    res.k = res.cand_k[best];
+    res.v = res.cand_v[best];
+    return res;
+}
+
+}  // namespace grkv

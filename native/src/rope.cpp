@@ -1,0 +1,22 @@
+#include "grkv/rope.h"
+
+#include <cmath>
+
+#include "grkv/common.h"
+
+namespace grkv {
+
+void rope_rotate(float * x, const RopeParams & p, double delta) {
+    if (p.n_rot <= 0 || p.n_rot % 2) throw Error("RoPE n_rot must be even and positive");
+    const int half = p.n_rot / 2;
+    for (int i = 0; i < half; ++i) {
+        const double theta = delta * p.freq_scale * std::pow((double) p.freq_base, -2.0 * i / p.n_rot);
+        const double c = std::cos(theta), s = std::sin(theta);
+        const int a = p.neox ? i : 2 * i, b = p.neox ? i + half : 2 * i + 1;
+        const double x0 = x[a], x1 = x[b];
+        x[a] = (float) (x0 * c - x1 * s);
+        x[b] = (float) (x0 * s + x1 * c);
+    }
+}
+
+}  // namespace grkv
