@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 
@@ -423,9 +424,13 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<uintptr_t, uintptr_t>(), py::arg("tensor_get_fn"), py::arg("op_name_fn"))
         .def("op_code", &Capture::op_code)
         .def("set_targets",
-             [](Capture & c, const std::vector<std::tuple<std::string, int, int>> & t) {
+             [](Capture & c, const std::vector<std::tuple<std::string, int, int, std::vector<int32_t>>> & t) {
                  std::vector<CaptureTarget> ts;
-                 for (auto & [p, op, td] : t) ts.push_back(CaptureTarget{p, op, td});
+                 for (auto & [p, op, td, pos] : t) {
+                     std::vector<int32_t> sorted = pos;
+                     std::sort(sorted.begin(), sorted.end());
+                     ts.push_back(CaptureTarget{p, op, td, sorted});
+                 }
                  c.set_targets(std::move(ts));
              })
         .def("enable", &Capture::enable)
@@ -440,6 +445,11 @@ PYBIND11_MODULE(_native, m) {
                  for (auto & [key, v] : c.data()) if (key.first == target) ls.push_back(key.second);
                  return ls;
              })
+        .def("positions", [](const Capture & c, int target, int layer) {
+            auto it = c.data().find({target, layer});
+            if (it == c.data().end()) throw Error("nothing captured for target " + std::to_string(target));
+            return to_numpy(it->second.pos, {(py::ssize_t) it->second.pos.size()});
+        })
         .def("get", [](const Capture & c, int target, int layer) {
             auto it = c.data().find({target, layer});
             if (it == c.data().end()) throw Error("nothing captured for target " + std::to_string(target) + " layer " + std::to_string(layer));

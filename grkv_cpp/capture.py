@@ -35,9 +35,10 @@ class GraphCapture:
             raise RuntimeError(f"this ggml has no op named {name}")
         return code
 
-    def set_targets(self, targets: list[tuple[str, str | None, int]]):
-        """targets: (name prefix, op name or None, token dim)."""
-        self._targets = [(p, -1 if op is None else self.op(op), td) for p, op, td in targets]
+    def set_targets(self, targets: list[tuple]):
+        """targets: (name prefix, op name or None, token dim[, positions to keep])."""
+        self._targets = [(t[0], -1 if t[1] is None else self.op(t[1]), t[2], list(t[3]) if len(t) > 3 else [])
+                         for t in targets]
         self._native.set_targets(self._targets)
 
     @contextlib.contextmanager
@@ -54,6 +55,10 @@ class GraphCapture:
     def rows(self, target: int, layer: int) -> np.ndarray:
         """[n_rows, row_len] float32 rows captured for (target, layer)."""
         return self._native.get(target, layer)
+
+    def positions(self, target: int, layer: int) -> np.ndarray:
+        """Position of each captured row (ROPE nodes only)."""
+        return self._native.positions(target, layer)
 
     def layers(self, target: int) -> list[int]:
         return self._native.layers(target)

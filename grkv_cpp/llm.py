@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -13,10 +14,10 @@ import llama_cpp.llama_cpp as L
 
 from . import kvstate
 from .capture import QUERIES, GraphCapture
-from .compressor import compress_cache
+from .compressor import capture_positions, compress_cache
 from .errors import GrkvError
 from .loader import describe, open_llama
-from .methods import Method, get_method
+from .methods import Method, parse_method
 from .prompt import build_format
 from .stats import Stats
 
@@ -79,20 +80,27 @@ class CompressedLlama:
                 f"{n} tokens do not fit the context of {self.n_ctx} cells; create the model with a larger n_ctx"
             )
 
-    def _prefill(self, tokens: Sequence[int], capture_last: int):
-        """Evaluate tokens from position 0, capturing queries of the last `capture_last`."""
+    def _prefill(self, tokens: Sequence[int], capture: int | Sequence[int] = 0, whole: bool = False):
+        """Evaluate tokens from position 0, capturing the post-RoPE queries at
+        `capture` (positions, or an int n for the last n). Queries confined to
+        the tail are captured by evaluating the tail as its own batch; `whole`
+        keeps capture on for the whole prefill (rows filtered natively)."""
         self.llm.reset()
-        head = len(tokens) - capture_last
+        positions = list(range(len(tokens) - capture, len(tokens))) if isinstance(capture, int) else list(capture)
+        if not positions:
+            self.llm.eval(tokens)
+            return
+        self.capture.set_targets([(*QUERIES, positions)])
+        head = 0 if whole else min(positions)
         if head > 0:
             self.llm.eval(tokens[:head])
-        if capture_last > 0:
-            with self.capture.enabled():
-                self.llm.eval(tokens[max(head, 0):])
+        with self.capture.enabled():
+            self.llm.eval(tokens[head:])
 
     # ------------------------------------------------------------- compression
     def compress(self, context: str, *, method: str | Method = "snapkv", ratio: float | None = None,
                  budget: int | None = None, shared: bool = False, question: str | None = None,
-                 answer_prefix: str = "", **method_params) -> Stats:
+                 answer_prefix: str = "", **params) -> Stats:
         """Prefill `context` and compress its cache to a kept `ratio` or `budget` tokens.
 
         Query-agnostic by default: the question is not seen, and any number of
@@ -100,30 +108,33 @@ class CompressedLlama:
         is query-aware: the question sits inside the observation window and
         becomes part of the compressed sequence; continue with `generate()`.
         `shared=True` keeps one token set for all layers and heads instead of
-        one per (layer, KV head)."""
-        m = get_method(method, **method_params)
+        one per (layer, KV head). `method` may name a merge after a plus sign
+        (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
+        eviction method or the merge, whichever declares them."""
+        m, merge = parse_method(method, **params)
         tokens = self._tokens_for(context)
         n_ctx_tokens = len(tokens)
         if question is not None:
             tokens = tokens + self._question_tokens(question, answer_prefix)
         self._check_room(len(tokens) + 1)
-        window = 0
-        if m.needs_queries:
-            window = m.window if question is None else max(m.window, len(tokens) - n_ctx_tokens)
+        if question is not None and m.needs_queries and len(tokens) - n_ctx_tokens > m.window:
+            # query-aware: the whole question sits inside the observation window
+            m = dataclasses.replace(m, window_size=len(tokens) - n_ctx_tokens)
         # Query-aware: the last token is decoded after compression, so the
         # first answer token comes from the compressed cache.
         body = tokens if question is None else tokens[:-1]
-        window = min(window, len(body))
+        positions, whole = capture_positions(len(body), m, merge)
         t0 = time.perf_counter()
-        self._prefill(body, window)
+        self._prefill(body, positions, whole)
         t1 = time.perf_counter()
-        res = compress_cache(self.ctx, self.info, m, ratio=ratio, budget=budget, shared=shared,
-                             capture=self.capture if m.needs_queries else None, n_threads=self.n_threads)
+        res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
+                             capture=self.capture, n_threads=self.n_threads)
         t2 = time.perf_counter()
         if question is not None:
             self.llm.eval(tokens[-1:])
         self._context_len = self.llm.n_tokens
-        self.stats = Stats(method=m.name + ("-shared" if shared else ""), context_tokens=n_ctx_tokens,
+        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
                            question_tokens=len(tokens) - n_ctx_tokens,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
@@ -136,7 +147,7 @@ class CompressedLlama:
         tokens = self._tokens_for(context)
         self._check_room(len(tokens) + 1)
         t0 = time.perf_counter()
-        self._prefill(tokens, 0)
+        self._prefill(tokens)
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         cells, nbytes = state.part_info(0)["n_cells"], kvstate.kv_bytes(state)
         self._context_len = self.llm.n_tokens

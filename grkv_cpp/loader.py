@@ -42,6 +42,12 @@ class ModelInfo:
     iswa: bool = False                # part 1 of the blob is a sliding-window cache, left untouched
     n_swa: int = 0
     chat_template: str | None = None
+    # RoPE of the compressed layers, for re-rotating queries (GRKV stratified mode)
+    rope_n_rot: int = 0
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0
+    rope_neox: bool = False
+    rope_rerotation_refused: str | None = None   # why re-rotation would be wrong, if it would
     metadata: dict = field(default_factory=dict, repr=False)
 
 
@@ -94,7 +100,18 @@ def describe(llm: llama_cpp.Llama) -> ModelInfo:
         scale = 1.0 / math.sqrt(n_embd / n_head) if n_layer == 62 else 1.0 / math.sqrt(head_dim)
     else:
         scale = 1.0 / math.sqrt(head_dim)
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    refused = None
+    if scaling not in ("none", "linear"):
+        refused = f"RoPE scaling '{scaling}' changes cos/sin magnitudes, so queries cannot be re-rotated"
+    elif _has_rope_factors(llm.model_path):
+        refused = "the model carries per-dimension RoPE factors (rope_freqs), which re-rotation does not reproduce"
     return ModelInfo(
+        rope_n_rot=_metadata_int(meta, f"{arch}.rope.dimension_count", head_dim),
+        rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scale=float(L.llama_model_rope_freq_scale_train(model)),
+        rope_neox=rope == L.LLAMA_ROPE_TYPE_NEOX,
+        rope_rerotation_refused=refused,
         arch=arch,
         n_layer=n_layer,
         n_head=n_head,
@@ -108,6 +125,15 @@ def describe(llm: llama_cpp.Llama) -> ModelInfo:
         chat_template=meta.get("tokenizer.chat_template"),
         metadata=meta,
     )
+
+
+def _has_rope_factors(path) -> bool:
+    try:
+        import gguf
+
+        return any(t.name.startswith("rope_freqs") for t in gguf.GGUFReader(str(path)).tensors)
+    except Exception:  # unreadable metadata: do not refuse on a guess
+        return False
 
 
 def amx_compiled_in() -> bool:

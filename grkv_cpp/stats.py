@@ -1,4 +1,4 @@
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Stats:
     compress_s: float = 0.0
     decode_s: float = 0.0
     generated_tokens: int = 0
+    merge_report: dict = field(default_factory=dict)  # GRKV: per-layer objectives and safeguard choice
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,13 +24,13 @@ def rel_err(a, b):
 
 def run_case(path, flash_attn, ratio=0.3):
     m = CompressedLlama(path, n_ctx=2048, flash_attn=flash_attn)
-    m.capture.set_targets([QUERIES, ATTN_OUT])
     toks = m._tokens_for(haystack(14, [(0.4, passkey_needle(4711))]))
     m._prefill(toks, 32)
     full = SeqState(kvstate.get_blob(m.ctx))
     swa_before = full.serialize()  # to compare the sliding-window part later
     res = compress_cache(m.ctx, m.info, SnapKV(), ratio=ratio, capture=m.capture)
     new = m.tokenize(" What is the pass key", bos=False)[:N_NEW]
+    m.capture.set_targets([QUERIES, ATTN_OUT])
     with m.capture.enabled():
         m.llm.eval(new)
     after = SeqState(kvstate.get_blob(m.ctx))

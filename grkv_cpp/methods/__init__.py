@@ -20,4 +20,32 @@ def get_method(name: str | Method, **params) -> Method:
     return cls(**params)
 
 
-__all__ = ["Method", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "get_method"]
+def parse_method(spec, **params):
+    """`snapkv`, `snapkv+grkv`, `knorm+merge`, ... -> (Method, Merge or None).
+    Keyword parameters go to whichever of the two declares them."""
+    import dataclasses
+
+    from ..merges import REGISTRY as MERGES
+
+    if isinstance(spec, Method):
+        return spec, None
+    name, _, merge_name = spec.lower().partition("+")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+    mcls = REGISTRY[name]
+    gcls = None
+    if merge_name:
+        if merge_name not in MERGES:
+            raise ValueError(f"unknown merge {merge_name!r}; choose one of {', '.join(MERGES)}")
+        gcls = MERGES[merge_name]
+    mfields = {f.name for f in dataclasses.fields(mcls)}
+    gfields = {f.name for f in dataclasses.fields(gcls)} if gcls else set()
+    unknown = set(params) - mfields - gfields
+    if unknown:
+        raise ValueError(f"unknown parameter(s) for {spec}: {', '.join(sorted(unknown))}")
+    method = mcls(**{k: v for k, v in params.items() if k in mfields})
+    merge = gcls(**{k: v for k, v in params.items() if k in gfields and k not in mfields}) if gcls else None
+    return method, merge
+
+
+__all__ = ["Method", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "get_method", "parse_method"]

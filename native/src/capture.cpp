@@ -2,6 +2,7 @@
 
 #include "grkv/common.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -73,9 +74,31 @@ bool Capture::observe(const ggml::Tensor * t) {
         return true;
     }
     c.row_len = row_len;
-    const size_t old = c.data.size();
-    c.data.resize(old + (size_t) (row_len * n_tok));
-    tensor_get_(t, c.data.data() + old, 0, (size_t) (row_len * n_tok) * 4);
+    // Row positions: a ROPE node's src[1] is the I32 position vector of the ubatch.
+    std::vector<int32_t> pos;
+    const ggml::Tensor * p = t->src[1];
+    if (p && p->type == 26 /* GGML_TYPE_I32 */ && p->ne[0] >= n_tok) {
+        pos.resize((size_t) n_tok);
+        tensor_get_(p, pos.data(), 0, (size_t) n_tok * 4);
+    }
+    if (tg.positions.empty()) {
+        const size_t old = c.data.size();
+        c.data.resize(old + (size_t) (row_len * n_tok));
+        tensor_get_(t, c.data.data() + old, 0, (size_t) (row_len * n_tok) * 4);
+        if (!pos.empty()) c.pos.insert(c.pos.end(), pos.begin(), pos.end());
+        return true;
+    }
+    if (pos.empty()) {
+        error_ = std::string("capture: ") + t->name + " has no position input to filter on";
+        return true;
+    }
+    for (int64_t i = 0; i < n_tok; ++i) {
+        if (!std::binary_search(tg.positions.begin(), tg.positions.end(), pos[i])) continue;
+        const size_t old = c.data.size();
+        c.data.resize(old + (size_t) row_len);
+        tensor_get_(t, c.data.data() + old, (size_t) (i * row_len) * 4, (size_t) row_len * 4);
+        c.pos.push_back(pos[i]);
+    }
     return true;
 }
 

@@ -17,11 +17,15 @@ struct CaptureTarget {
     std::string prefix;   // node name without the "-<layer>" suffix, e.g. "Qcur"
     int32_t op = -1;      // ggml op code the node must have; -1 = any
     int token_dim = 2;    // tensor dim that indexes tokens (Qcur: 2, kqv_out: 1)
+    // If not empty, keep only rows at these positions (sorted). Positions are
+    // read from the node's src[1], which for a ROPE node is inp_pos.
+    std::vector<int32_t> positions;
 };
 
 struct Captured {
     int64_t row_len = 0;          // floats per token
     std::vector<float> data;      // rows appended over ubatches, [n_rows][row_len]
+    std::vector<int32_t> pos;     // position of each row (ROPE nodes), else empty
     int64_t n_rows() const { return row_len ? (int64_t) data.size() / row_len : 0; }
 };
 

@@ -36,6 +36,14 @@ GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurro
             p.v0[(size_t) s * d + e] = h.kv(h.keep[s], e, false);
         }
     }
+    // this head's full K/V, contiguous, for the teacher
+    std::vector<float> Kh((size_t) h.T * d), Vh((size_t) h.T * d);
+    for (int t = 0; t < h.T; ++t) {
+        for (int e = 0; e < d; ++e) {
+            Kh[(size_t) t * d + e] = h.kv(t, e, true);
+            Vh[(size_t) t * d + e] = h.kv(t, e, false);
+        }
+    }
     std::vector<double> l(h.T);
     for (int g = 0; g < G; ++g) {
         for (int j = 0; j < n_q; ++j) {
@@ -47,9 +55,11 @@ GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurro
             int n_vis = 0;
             for (int t = 0; t < h.T; ++t) {
                 if (sq.causal && h.pos[t] > sq.qpos[j]) break;
-                double s = 0;
-                for (int e = 0; e < d; ++e) s += (double) q[e] * h.kv(t, e, true);
-                l[t] = s * scale;
+                float s = 0.0f;
+                const float * kt = Kh.data() + (size_t) t * d;
+#pragma omp simd reduction(+ : s)
+                for (int e = 0; e < d; ++e) s += q[e] * kt[e];
+                l[t] = (double) s * scale;
                 mx = std::max(mx, l[t]);
                 n_vis = t + 1;
             }
@@ -57,8 +67,10 @@ GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurro
             for (int t = 0; t < n_vis; ++t) z += (l[t] = std::exp(l[t] - mx));
             float * o = p.ostar.data() + (size_t) r * d;
             for (int t = 0; t < n_vis; ++t) {
-                const double a = l[t] / z;
-                for (int e = 0; e < d; ++e) o[e] += (float) (a * h.kv(t, e, false));
+                const float a = (float) (l[t] / z);
+                const float * vt = Vh.data() + (size_t) t * d;
+#pragma omp simd
+                for (int e = 0; e < d; ++e) o[e] += a * vt[e];
             }
             if (sq.causal) {
                 for (int s = 0; s < h.B; ++s) p.vis[(size_t) r * h.B + s] = h.pos[h.keep[s]] <= sq.qpos[j];

@@ -1,0 +1,53 @@
+from dataclasses import dataclass
+
+from .base import Merge
+
+
+@dataclass(frozen=True)
+class GRKV(Merge):
+    """GRKV (arXiv 2605.31105): ridge-regress the kept slots' V (closed form)
+    and K (one Gauss-Newton step) so attention over the kept set matches the
+    full cache on surrogate queries.
+
+    query_mode: "window"     - the last `window_size` context queries at their
+                               real positions, causal (paper-like variant);
+                "stratified" - `n_queries` queries at strata midpoints over the
+                               context, re-rotated to the last position,
+                               total weight 6 (the released default).
+    """
+
+    query_mode: str = "window"
+    window_size: int = 32
+    n_queries: int = 32
+    lam: float = 0.01
+    cap_v: float = 0.1
+    cap_k: float = 0.025
+    steps: int = 1
+    guard: float = 0.1
+    update_k: bool = True
+    cg_iters: int = 16
+    name = "grkv"
+
+    def __post_init__(self):
+        if self.query_mode not in ("window", "stratified"):
+            raise ValueError("GRKV query_mode must be 'window' or 'stratified'")
+        if self.steps < 1 or self.lam <= 0 or not 0 <= self.guard < 1:
+            raise ValueError("GRKV needs steps >= 1, lam > 0 and 0 <= guard < 1")
+
+    @property
+    def window(self) -> int:
+        # the observation window stays fixed, so its queries are always captured
+        return self.window_size
+
+    def strata(self, n_tokens: int) -> list[int]:
+        if self.query_mode != "stratified":
+            return []
+        if n_tokens <= self.n_queries:
+            return list(range(n_tokens))
+        q = self.n_queries
+        edges = [i * n_tokens // q for i in range(q + 1)]
+        return [(edges[i] + edges[i + 1] - 1) // 2 for i in range(q)]
+
+    def native_args(self) -> dict:
+        return {"merge": "grkv", "lam": self.lam, "cap_v": self.cap_v, "cap_k": self.cap_k, "steps": self.steps,
+                "update_k": self.update_k, "guard": self.guard, "cg_iters": self.cg_iters}

@@ -1,0 +1,152 @@
+"""GRKV's numerical tests (docs/grkv-spec.md §4.9), native against the float64
+torch reference on random GQA problems."""
+
+import numpy as np
+import pytest
+import torch
+
+from grkv_cpp import _native
+from reference_grkv import Problem, random_problem
+
+
+def native(pr):
+    f32 = lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)  # noqa: E731
+    return _native.GrkvProblem(f32(pr["q"]), f32(pr["w"]), pr["vis"].numpy().astype(np.uint8), f32(pr["ostar"]),
+                               f32(pr["k0"]), f32(pr["v0"]), pr["mut"].numpy().astype(np.uint8), pr["scale"])
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("causal", [True, False])
+def test_value_step_dual_equals_primal_and_native(seed, causal):
+    pr = random_problem(seed, causal=causal)
+    ref = Problem(**pr)
+    dual = ref.value_step(ref.k0, 0.01, dual=True)
+    primal = ref.value_step(ref.k0, 0.01, dual=False)
+    assert rel(dual, primal) < 1e-8
+    assert (dual[~ref.mut] == 0).all()
+    nat = _native.grkv_value_step(native(pr), pr["k0"].numpy().astype(np.float32), 0.01)
+    assert rel(nat, dual) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_jvp_finite_difference_and_reference(seed):
+    pr = random_problem(seed)
+    ref, p = Problem(**pr), native(pr)
+    K = pr["k0"].numpy().astype(np.float32)
+    V = pr["v0"].numpy().astype(np.float32)
+    Dir = np.random.default_rng(seed).standard_normal(K.shape).astype(np.float32)
+    Dir[~pr["mut"].numpy()] = 0
+    jvp = _native.grkv_jvp(p, K, V, Dir)
+    eps = 1e-4
+    Kt, Dt, Vt = torch.as_tensor(K, dtype=torch.float64), torch.as_tensor(Dir, dtype=torch.float64), torch.as_tensor(V, dtype=torch.float64)
+    fd = (ref.weighted_output(Kt + eps * Dt, Vt) - ref.weighted_output(Kt - eps * Dt, Vt)) / (2 * eps)
+    assert rel(jvp, fd) < 1e-4
+    assert rel(jvp, ref.jvp(Kt, Vt, Dt)) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vjp_is_adjoint_of_jvp(seed):
+    pr = random_problem(seed)
+    p = native(pr)
+    rng = np.random.default_rng(seed)
+    K = pr["k0"].numpy().astype(np.float32)
+    V = pr["v0"].numpy().astype(np.float32)
+    Dir = rng.standard_normal(K.shape).astype(np.float32)
+    Dir[~pr["mut"].numpy()] = 0
+    U = rng.standard_normal(pr["ostar"].shape).astype(np.float32)
+    lhs = float(np.sum(_native.grkv_jvp(p, K, V, Dir).astype(np.float64) * U))
+    rhs = float(np.sum(_native.grkv_vjp(p, K, V, U).astype(np.float64) * Dir))
+    assert abs(lhs - rhs) <= 1e-4 * max(abs(lhs), 1e-6)
+    ref = Problem(**pr)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    assert rel(_native.grkv_vjp(p, K, V, U), ref.vjp(t(K), t(V), t(U))) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_key_step_matches_exact_gauss_newton(seed):
+    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=8)
+    ref, p = Problem(**pr), native(pr)
+    V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
+    nat = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32), 0.01, 64, 1e-7)
+    exact = ref.key_step(ref.k0, V1, 0.01)
+    assert rel(nat, exact) < 1e-3
+    # 16 CG iterations (the default) already give most of the step
+    nat16 = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32))
+    assert rel(nat16, exact) < 0.2
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_fit_safeguard_fixed_slots_and_caps(seed, dtype):
+    pr = random_problem(seed)
+    p = native(pr)
+    # store originals in the cache dtype, as they come from the cache
+    k0 = _native.f32_round_trip(pr["k0"].numpy().astype(np.float32), dtype)
+    v0 = _native.f32_round_trip(pr["v0"].numpy().astype(np.float32), dtype)
+    pr = dict(pr, k0=torch.as_tensor(k0, dtype=torch.float64), v0=torch.as_tensor(v0, dtype=torch.float64))
+    p = native(pr)
+    ref = Problem(**pr)
+    out = _native.grkv_fit(p, 0.01, 0.1, 0.025, 1, dtype)
+    objs = out["cand_obj"]
+    assert len(objs) == 3  # none, V only, K and V
+    chosen = _native.grkv_objective(p, out["k"], out["v"], 0.01)
+    assert chosen <= objs[0] * (1 + 1e-6)                      # never worse than no update
+    assert chosen == pytest.approx(min(objs), rel=1e-6)
+    # objective agrees with the reference
+    assert ref.objective(torch.as_tensor(out["k"], dtype=torch.float64), torch.as_tensor(out["v"], dtype=torch.float64), 0.01).item() == pytest.approx(chosen, rel=1e-4)
+    # on these problems the fit helps: the V step lowers the objective
+    assert objs[1] < objs[0]
+    fixed = ~pr["mut"].numpy()
+    for k, v in zip(out["cand_k"], out["cand_v"]):
+        np.testing.assert_array_equal(k[fixed], k0[fixed])     # bit-identical
+        np.testing.assert_array_equal(v[fixed], v0[fixed])
+        m = ~fixed
+        assert np.linalg.norm(v[m] - v0[m]) <= 0.1 * np.linalg.norm(v0[m]) * (1 + 1e-6)
+        assert np.linalg.norm(k[m] - k0[m]) <= 0.025 * np.linalg.norm(k0[m]) * (1 + 1e-6)
+        # stored values are representable in the cache dtype
+        np.testing.assert_array_equal(_native.f32_round_trip(v, dtype), v)
+        np.testing.assert_array_equal(_native.f32_round_trip(k, dtype), k)
+
+
+def test_uncapped_fit_reduces_objective_like_reference():
+    pr = random_problem(7)
+    ref, p = Problem(**pr), native(pr)
+    out = _native.grkv_fit(p, 0.01, 0.0, 0.0, 1, "f32")
+    none, v_only, kv = out["cand_obj"]
+    V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
+    assert v_only == pytest.approx(ref.objective(ref.k0, V1, 0.01).item(), rel=1e-3)
+    assert kv < v_only < none
+
+
+def test_merge_baselines_route_to_nearest_key():
+    rng = np.random.default_rng(0)
+    T, d = 30, 8
+    k = rng.standard_normal((T, d)).astype(np.float32)
+    v = rng.standard_normal((T, d)).astype(np.float32)
+    keep = np.array([0, 10, 20, 29], np.int32)
+    pos = np.arange(T, dtype=np.int32)
+    ku = k / np.linalg.norm(k, axis=1, keepdims=True)
+    route = {t: int(np.argmax(ku[keep] @ ku[t])) for t in range(T) if t not in keep}
+    cos = {t: float(ku[keep[route[t]]] @ ku[t]) for t in route}
+    # weighted: x_c <- (x_c + sum w_e x_e) / (1 + sum w_e), w = (cos + 1) / 2
+    ok, ov = _native.merge_head("weighted", k, v, pos, keep)
+    for s, c in enumerate(keep):
+        es = [t for t in route if route[t] == s]
+        w = np.array([(cos[t] + 1) / 2 for t in es])
+        want_k = (k[c] + (w[:, None] * k[es]).sum(0)) / (1 + w.sum()) if es else k[c]
+        np.testing.assert_allclose(ok[s], want_k, rtol=1e-5, atol=1e-6)
+    # pivot: mean of x_c and the midpoints
+    ok, ov = _native.merge_head("pivot", k, v, pos, keep)
+    for s, c in enumerate(keep):
+        es = [t for t in route if route[t] == s]
+        want_v = (v[c] + sum((v[t] + v[c]) / 2 for t in es)) / (1 + len(es))
+        np.testing.assert_allclose(ov[s], want_v, rtol=1e-5, atol=1e-6)
+    # value merge: keys untouched
+    ok, ov = _native.merge_head("merge", k, v, pos, keep)
+    np.testing.assert_array_equal(ok, k[keep])
+    assert not np.allclose(ov, v[keep])
