@@ -7,9 +7,23 @@ import sys
 
 import click
 
+from .merges import REGISTRY as MERGES
 from .methods import REGISTRY
 
-METHODS = ["full", *REGISTRY]
+METHODS_HELP = (f"Eviction method ({', '.join(REGISTRY)}), optionally '+merge' "
+                f"({', '.join(MERGES)}), e.g. snapkv+grkv; or 'full' for no compression.")
+
+
+def _check_method(ctx, param, value):
+    if value == "full":
+        return value
+    from .methods import parse_method
+
+    try:
+        parse_method(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def _model(path_or_name: str, **kw):
@@ -51,8 +65,12 @@ def demo(model, kv_ratio, threads):
     context, needles = demo_context()
     m = _model(model, n_ctx=2048, n_threads=threads)
     click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads)")
-    runs = [("full cache", None, {}), (f"snapkv, {kv_ratio:.0%} kept", "snapkv", {}),
-            (f"streaming, {kv_ratio:.0%} kept", "streaming", {}), (f"knorm, {kv_ratio:.0%} kept", "knorm", {})]
+    kept = f"{kv_ratio:.0%} kept"
+    runs = [("full cache", None, {}),
+            (f"snapkv (kvpress defaults: per head, kernel 5), {kept}", "snapkv", {}),
+            (f"snapkv shared set, kernel 15, {kept}", "snapkv", dict(shared=True, kernel=15)),
+            (f"snapkv shared k15 + grkv, {kept}", "snapkv+grkv", dict(shared=True, kernel=15)),
+            (f"streaming, {kept}", "streaming", {}), (f"knorm, {kept}", "knorm", {})]
     rows = []
     for label, method, kw in runs:
         st = m.prefill(context) if method is None else m.compress(context, method=method, ratio=kv_ratio, **kw)
@@ -65,10 +83,16 @@ def demo(model, kv_ratio, threads):
             hit = nd.answer in ans
             ok += hit
             click.echo(f"  [{'ok' if hit else '--'}] {nd.question}  ->  {ans}  (decode {m.stats.decode_s:.2f}s)")
+        if st.merge_report.get("choice"):
+            ch = st.merge_report["choice"]
+            click.echo(f"  grkv: layers updated K+V {sum(c == 2 for c in ch)}, V only {sum(c == 1 for c in ch)}, "
+                       f"unchanged {sum(c == 0 for c in ch)}; surrogate objective "
+                       f"{sum(st.merge_report['obj_none']):.1f} -> {sum(st.merge_report['obj_kv']):.1f}")
         rows.append((label, ok))
-    click.echo(f"\nQuery-aware SnapKV (question inside the observation window), {kv_ratio / 2:.0%} kept:")
+    click.echo(f"\nQuery-aware SnapKV, kernel 15 (question inside the observation window), {kv_ratio / 2:.0%} kept:")
     for nd in needles:
-        ans = m.answer_query_aware(context, nd.question, method="snapkv", ratio=kv_ratio / 2, max_tokens=16)
+        ans = m.answer_query_aware(context, nd.question, method="snapkv", ratio=kv_ratio / 2, kernel=15,
+                                   max_tokens=16)
         click.echo(f"  [{'ok' if nd.answer in ans else '--'}] {nd.question}  ->  {ans}")
     click.echo("\nfacts found: " + ", ".join(f"{label} {ok}/{len(needles)}" for label, ok in rows))
 
@@ -77,7 +101,7 @@ def demo(model, kv_ratio, threads):
 @click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
 @click.option("--context-file", type=click.File("r"), required=True, help="Text file with the long context ('-' = stdin).")
 @click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
-@click.option("--method", type=click.Choice(METHODS), default="snapkv", show_default=True)
+@click.option("--method", default="snapkv", show_default=True, callback=_check_method, help=METHODS_HELP)
 @click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache.")
 @click.option("--kv-budget", type=int, default=None, help="Kept tokens (cells).")
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads (default: per layer and KV head).")
@@ -85,6 +109,11 @@ def demo(model, kv_ratio, threads):
 @click.option("--window", type=int, default=32, show_default=True, help="SnapKV observation window.")
 @click.option("--kernel", type=int, default=5, show_default=True, help="SnapKV pooling kernel.")
 @click.option("--n-sink", type=int, default=4, show_default=True, help="StreamingLLM sink tokens.")
+@click.option("--query-mode", type=click.Choice(["window", "stratified"]), default="window", show_default=True,
+              help="GRKV surrogate queries.")
+@click.option("--lam", type=float, default=0.01, show_default=True, help="GRKV ridge strength.")
+@click.option("--steps", type=int, default=1, show_default=True, help="GRKV steps.")
+@click.option("--guard", type=float, default=0.1, show_default=True, help="GRKV anchor fraction kept fixed.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--flash-attn", is_flag=True)
@@ -92,7 +121,7 @@ def demo(model, kv_ratio, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def ask(model, context_file, questions, method, kv_ratio, kv_budget, shared, query_aware, window, kernel, n_sink,
-        max_tokens, n_ctx, flash_attn, threads, as_json, verbose):
+        query_mode, lam, steps, guard, max_tokens, n_ctx, flash_attn, threads, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
@@ -100,7 +129,10 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, shared, que
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
     context = context_file.read()
     m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose)
-    params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(method, {})
+    evict, _, merge = method.partition("+")
+    params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(evict, {})
+    if merge == "grkv":
+        params.update(query_mode=query_mode, lam=lam, steps=steps, guard=guard)
     results = []
     if query_aware:
         ans = m.answer_query_aware(context, questions[0], method=method, ratio=kv_ratio, budget=kv_budget,

@@ -61,7 +61,7 @@ class CompressResult:
     merge_report: dict = field(default_factory=dict)
 
 
-def _layer_queries(capture: GraphCapture, info: ModelInfo):
+def captured_queries(capture: GraphCapture, info: ModelInfo):
     """Per cache layer: (rows [n, n_head, head_dim], their positions)."""
     out = []
     for il in info.cache_layers:
@@ -91,9 +91,12 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
 
 
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
-                   shared=False, capture: GraphCapture | None = None, n_threads: int | None = None) -> CompressResult:
+                   shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
+                   captured: list | None = None) -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
-    restored to its state before the call and CompressionError is raised."""
+    restored to its state before the call and CompressionError is raised.
+    `captured` (per cache layer: query rows [n, n_head, head_dim] and their
+    positions) replaces reading `capture`, e.g. to compress one prefill many ways."""
     t0 = time.perf_counter()
     blob = kvstate.get_blob(ctx)
     state = kvstate.parse(blob)
@@ -110,12 +113,12 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         return CompressResult(n_cells, n_cells, bytes_before, bytes_before, time.perf_counter() - t0, None, positions)
     w = min(observation_window(method, merge), n_cells)
     window_start = int(positions[-w]) if w else int(positions[-1]) + 1
-    layers = []
-    if method.needs_queries or merge is not None and merge.name == "grkv":
+    layers = captured or []
+    if not layers and (method.needs_queries or merge is not None and merge.name == "grkv"):
         if capture is None:
             raise CompressionError(f"{method.name} needs the queries captured during prefill")
         try:
-            layers = _layer_queries(capture, info)
+            layers = captured_queries(capture, info)
         except NativeError as e:
             raise CompressionError(f"no captured queries: {e}") from e
     queries = [(q[p >= window_start], p[p >= window_start]) for q, p in layers] if method.needs_queries else []

@@ -140,43 +140,62 @@ std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float
     return dV;
 }
 
+// JVP and VJP are written as row-times-matrix products over a transposed
+// copy (axpys over contiguous rows vectorise; no horizontal reductions).
+namespace {
+
+std::vector<float> transpose(const float * X, int rows, int cols) {
+    std::vector<float> t((size_t) rows * cols);
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) t[(size_t) j * rows + i] = X[(size_t) i * cols + j];
+    return t;
+}
+
+}  // namespace
+
 std::vector<float> grkv_jvp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * D) {
+    // do_r = sqrt(w_r) * sum_s c_rs (v_s - o_r),  c_rs = a_rs * scale * (q_r . D_s), s mutable
     const int R = p.R, B = p.B, d = p.d;
-    // do_r = sqrt(w_r) * sum_s a_rs * scale * (q_r . D_s) * (v_s - o_r)
-    std::vector<float> out((size_t) R * d, 0.0f);
+    const std::vector<float> Dt = transpose(D, B, d);  // [d][B]
+    std::vector<float> out((size_t) R * d, 0.0f), c(B);
     for (int r = 0; r < R; ++r) {
         const float * q = p.q.data() + (size_t) r * d;
+        std::fill(c.begin(), c.end(), 0.0f);
+        for (int e = 0; e < d; ++e) axpy(q[e], Dt.data() + (size_t) e * B, c.data(), B);
+        const float * a = A.data() + (size_t) r * B;
+        float csum = 0.0f;
         float * acc = out.data() + (size_t) r * d;
-        float wsum = 0.0f;
         for (int s = 0; s < B; ++s) {
-            const float a = A[(size_t) r * B + s];
-            if (!p.mut[s] || a == 0.0f) continue;
-            const float c = a * p.scale * dot(q, D + (size_t) s * d, d);
-            axpy(c, V + (size_t) s * d, acc, d);
-            wsum += c;
+            if (!p.mut[s] || a[s] == 0.0f) continue;
+            const float cs = a[s] * p.scale * c[s];
+            axpy(cs, V + (size_t) s * d, acc, d);
+            csum += cs;
         }
-        axpy(-wsum, O.data() + (size_t) r * d, acc, d);
+        const float * o = O.data() + (size_t) r * d;
         const float sw = std::sqrt(p.w[r]);
-        for (int c = 0; c < d; ++c) acc[c] *= sw;
+        for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum * o[e]);
     }
     return out;
 }
 
 std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * U) {
+    // (J^T u)_s = scale * sum_r sqrt(w_r) a_rs (u_r . v_s - u_r . o_r) q_r, s mutable
     const int R = p.R, B = p.B, d = p.d;
-    // (J^T u)_s = scale * sum_r sqrt(w_r) a_rs (u_r . v_s - u_r . o_r) q_r
-    std::vector<float> out((size_t) B * d, 0.0f);
+    const std::vector<float> Vt = transpose(V, B, d);  // [d][B]
+    std::vector<float> out((size_t) B * d, 0.0f), uv(B);
     for (int r = 0; r < R; ++r) {
         const float * u = U + (size_t) r * d;
+        std::fill(uv.begin(), uv.end(), 0.0f);
+        for (int e = 0; e < d; ++e) axpy(u[e], Vt.data() + (size_t) e * B, uv.data(), B);
         const float uo = dot(u, O.data() + (size_t) r * d, d);
         const float f = p.scale * std::sqrt(p.w[r]);
+        const float * a = A.data() + (size_t) r * B;
         const float * q = p.q.data() + (size_t) r * d;
         for (int s = 0; s < B; ++s) {
-            const float a = A[(size_t) r * B + s];
-            if (!p.mut[s] || a == 0.0f) continue;
-            axpy(f * a * (dot(u, V + (size_t) s * d, d) - uo), q, out.data() + (size_t) s * d, d);
+            if (!p.mut[s] || a[s] == 0.0f) continue;
+            axpy(f * a[s] * (uv[s] - uo), q, out.data() + (size_t) s * d, d);
         }
     }
     return out;

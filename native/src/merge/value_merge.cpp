@@ -37,6 +37,7 @@ void route_evicted(const HeadKV & h, std::vector<int> & slot, std::vector<float>
             const float * a = u.data() + (size_t) t * h.d;
             const float * b = u.data() + (size_t) h.keep[s] * h.d;
             float c = 0;
+#pragma omp simd reduction(+ : c)
             for (int e = 0; e < h.d; ++e) c += a[e] * b[e];
             if (c > best) { best = c; bs = s; }
         }
