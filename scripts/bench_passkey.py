@@ -57,6 +57,9 @@ def main():
             for mode in ("agnostic", "aware"):
                 sel = [r for r in rows if r["config"] == cfg and r["ratio"] == ratio and r["mode"] == mode]
                 print(f"{cfg:20s} ratio {ratio:.2f} {mode:8s} {sum(r['correct'] for r in sel)}/{len(sel)}", flush=True)
+            if a.out:  # written as it goes, so an interrupted run keeps its rows
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps(rows, indent=2))
     full = [r for r in rows if r["config"] == "full"]
     print(f"{'full':20s} ratio 1.00          {sum(r['correct'] for r in full)}/{len(full)}")
     if a.out:

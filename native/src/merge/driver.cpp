@@ -191,6 +191,9 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
     const int Hkv = req.shape.n_head_kv;
     std::vector<Scores> sc = score_layers(view, req.method, req.shape, req.queries, req.n_threads);
     if (req.shared) {
+        // shared sets keep original positions, and llama.cpp continues at the
+        // last stored position + 1: the last token must stay
+        for (auto & x : sc) x.protect.back() = 1;
         const std::vector<int32_t> one = select_shared(sc, req.budget);
         if (req.merge.name == "none") {
             Stream ns = compact_shared(view, one);

@@ -1,0 +1,97 @@
+"""User-facing API on the tiny model: prompts, stats, answer rollback, streaming, errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from grkv_cpp import CompressedLlama, kvstate
+from grkv_cpp.cli import main
+from grkv_cpp.errors import CompressionError, GrkvError
+from grkv_cpp.methods import parse_method
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    return CompressedLlama(tiny_gguf, n_ctx=1024)
+
+
+CONTEXT = "abc def ghi jkl mno " * 30
+
+
+def test_plain_prompt_for_models_without_template(tiny):
+    assert tiny.info.chat_template is None
+    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
+    assert tiny._format.question_template == "Question: {question}\nAnswer:"
+
+
+def test_compress_stats_and_answer_kv_is_removed(tiny):
+    st = tiny.compress(CONTEXT, method="snapkv+grkv", budget=64)
+    assert st.method == "snapkv+grkv"
+    assert st.kv_cells_after == 64 and st.kv_cells_before == st.context_tokens
+    assert st.kv_bytes_after * st.kv_cells_before == st.kv_bytes_before * 64
+    assert st.prefill_s > 0 and st.compress_s > 0
+    n = tiny._context_len
+    tiny.ask("abc", max_tokens=5)
+    assert tiny.stats.generated_tokens <= 5 and tiny.stats.decode_s > 0
+    assert kvstate.pos_range(tiny.ctx)[1] == n - 1  # the answer's KV is gone
+    assert tiny.llm.n_tokens == n
+    a1 = tiny.ask("abc", max_tokens=5)
+    a2 = tiny.ask("abc", max_tokens=5)
+    assert a1 == a2  # the same compressed context answers the same way
+
+
+def test_streaming_yields_the_same_text(tiny):
+    tiny.compress(CONTEXT, method="streaming", ratio=0.5)
+    whole = tiny.ask("abc", max_tokens=8)
+    pieces = list(tiny.ask("abc", max_tokens=8, stream=True))
+    assert "".join(pieces).strip() == whole
+
+
+def test_query_aware_budget(tiny):
+    tiny.answer_query_aware(CONTEXT, "abc def", method="snapkv", ratio=0.25, max_tokens=3)
+    st = tiny.stats
+    assert st.kv_cells_after == round(0.25 * (st.context_tokens + st.question_tokens - 1))
+
+
+def test_bad_input_is_refused_and_context_kept(tiny):
+    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
+    before = kvstate.get_blob(tiny.ctx)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("h2o")
+    with pytest.raises(ValueError, match="unknown merge"):
+        parse_method("snapkv+magic")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        parse_method("knorm", kernel=3)
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny.compress(CONTEXT, method="knorm")
+    with pytest.raises(GrkvError, match="do not fit"):
+        tiny.compress(CONTEXT * 20, method="knorm", ratio=0.5)
+    with pytest.raises(CompressionError, match="smaller than"):
+        tiny.compress(CONTEXT, method="snapkv", budget=8)
+    # the failed compression rolled back to its own prefill; the earlier state is intact after re-running
+    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
+    assert kvstate.get_blob(tiny.ctx) == before
+
+
+def test_cli_ask_json(tiny_gguf, tmp_path):
+    f = tmp_path / "ctx.txt"
+    f.write_text(CONTEXT)
+    r = CliRunner().invoke(main, ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc",
+                                  "--question", "def", "--method", "snapkv+merge", "--kv-budget", "64", "--json",
+                                  "--max-tokens", "3", "--n-ctx", "1024"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert [x["question"] for x in out["results"]] == ["abc", "def"]
+    assert out["results"][0]["stats"]["kv_cells_after"] == 64
+    r = CliRunner().invoke(main, ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc",
+                                  "--method", "snapkv"])
+    assert r.exit_code != 0 and "exactly one of --kv-ratio or --kv-budget" in r.output
+
+
+def test_shared_selection_always_keeps_the_last_position(tiny):
+    # KNorm rarely ranks the last token first; the shared layout must keep it anyway
+    for q in ["abc", "mno pqr", "xyz"]:
+        tiny.answer_query_aware(CONTEXT, q, method="knorm", ratio=0.2, shared=True, max_tokens=2)
+        tiny.compress(CONTEXT, method="knorm", ratio=0.2, shared=True)
+        assert kvstate.pos_range(tiny.ctx)[1] == tiny._context_len - 1
