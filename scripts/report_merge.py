@@ -15,19 +15,18 @@ def main():
     groups = defaultdict(dict)
     for r in rows:
         groups[(r["model"], r["context_tokens"], r["ratio"])][r["method"]] = r
-    print("Held-out attention-output error (mean over layers; lower is better)\n")
-    print("| model | tokens | kept | " + " | ".join(methods) + " |")
-    print("|---|---|---|" + "---|" * len(methods))
-    for (model, T, ratio), g in groups.items():
-        cells = [f"{g[m]['heldout_err_mean']:.4f}" if m in g else "" for m in methods]
-        print(f"| {model} | {T} | {ratio:g} | " + " | ".join(cells) + " |")
-    print("\nTeacher-forced KL(full || compressed) of a continuation, nats per token\n")
-    print("| model | tokens | kept | " + " | ".join(methods) + " |")
-    print("|---|---|---|" + "---|" * len(methods))
-    for (model, T, ratio), g in groups.items():
-        cells = [f"{g[m]['kl']:.3f}" if m in g else "" for m in methods]
-        print(f"| {model} | {T} | {ratio:g} | " + " | ".join(cells) + " |")
-    print("\nCompression time as a share of prefill time (2 threads)\n")
+    def table(title, fmt):
+        print(f"{title}\n")
+        print("| model | tokens | kept | " + " | ".join(methods) + " |")
+        print("|---|---|---|" + "---|" * len(methods))
+        for (model, T, ratio), g in groups.items():
+            print(f"| {model} | {T} | {ratio:g} | " + " | ".join(fmt(g[m]) if m in g else "" for m in methods) + " |")
+        print()
+
+    table("Held-out attention-output error (mean over layers; lower is better)",
+          lambda r: f"{r['heldout_err_mean']:.4f}")
+    table("Teacher-forced KL(full || compressed) of a continuation, nats per token", lambda r: f"{r['kl']:.3f}")
+    print("Compression time as a share of prefill time (2 threads)\n")
     print("| model | tokens | kept | prefill s | " + " | ".join(methods) + " |")
     print("|---|---|---|---|" + "---|" * len(methods))
     for (model, T, ratio), g in groups.items():
