@@ -38,17 +38,19 @@ Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
                 if (in.pos[t] > in.qpos[j]) break;  // causal: positions ascend
                 const float * k = in.k + ((size_t) t * in.n_head_kv + hk) * d;
                 float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
                 for (int e = 0; e < d; ++e) dot += q[e] * k[e];
                 logits[t] = dot * in.scale;
                 mx = std::max(mx, logits[t]);
                 n_vis = t + 1;
             }
-            double z = 0.0;
+            float z = 0.0f;
+#pragma omp simd reduction(+ : z)
             for (int t = 0; t < n_vis; ++t) {
-                logits[t] = std::exp(logits[t] - mx);
+                logits[t] = std::exp(logits[t] - mx);  // vectorised via libmvec (-fno-math-errno)
                 z += logits[t];
             }
-            const float inv = (float) (1.0 / z);
+            const float inv = 1.0f / z;
             for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t] * inv;
         }
         // mean over window queries, then pool over positions: average with zero
