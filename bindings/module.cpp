@@ -151,26 +151,6 @@ PYBIND11_MODULE(_native, m) {
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
              py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1)
-        .def("select",
-             [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
-                int n_head_kv, float scale, const py::list & queries, int budget, bool shared, int n_threads) {
-                 auto q = to_queries(queries);
-                 std::vector<int32_t> keep;
-                 py::ssize_t L;
-                 {
-                     py::gil_scoped_release nogil;
-                     StreamView v(active(s, part));
-                     auto sc = score_layers(v, method_params(method, kernel, n_sink), ModelShape{n_head, n_head_kv, scale},
-                                            q, n_threads);
-                     L = (py::ssize_t) sc.size();
-                     keep = shared ? select_shared(sc, budget) : select_layers_per_head(sc, budget, n_threads);
-                 }
-                 if (shared) return to_numpy(std::move(keep), {(py::ssize_t) budget});
-                 return to_numpy(std::move(keep), {L, (py::ssize_t) n_head_kv, (py::ssize_t) budget});
-             },
-             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
-             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared") = false,
-             py::arg("n_threads") = 1)
         .def("compress",
              [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
@@ -224,46 +204,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
              py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
              py::arg("n_threads") = 1)
-        .def("apply_per_head",
-             [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end, py::object new_k, py::object new_v) {
-                 if (keep.ndim() != 3) throw Error("keep must be [n_layer, n_head_kv, budget]");
-                 const int n_head_kv = (int) keep.shape(1), budget = (int) keep.shape(2);
-                 std::vector<int32_t> kv(keep.data(), keep.data() + keep.size());
-                 const bool has_k = !new_k.is_none(), has_v = !new_v.is_none();
-                 carray<float> nk, nv;
-                 if (has_k) nk = new_k.cast<carray<float>>();
-                 if (has_v) nv = new_v.cast<carray<float>>();
-                 Stream & st = active_mut(s, part);
-                 const size_t L = st.k.size();
-                 if ((size_t) keep.shape(0) != L) throw Error("keep has the wrong number of layers");
-                 if (has_k && (size_t) nk.size() != L * budget * st.k[0].n_embd)
-                     throw Error("new_k must be [n_layer, budget, n_embd_k]");
-                 if (has_v && (size_t) nv.size() != L * budget * st.v[0].n_embd)
-                     throw Error("new_v must be [n_layer, budget, n_embd_v]");
-                 Stream out;
-                 {
-                     py::gil_scoped_release nogil;
-                     StreamView v(st);
-                     out = compact_per_head(v, kv, n_head_kv, budget, label_end, has_k ? nk.data() : nullptr,
-                                            has_v ? nv.data() : nullptr);
-                 }
-                 st = std::move(out);
-             },
-             py::arg("part"), py::arg("keep"), py::arg("label_end"), py::arg("new_k") = py::none(),
-             py::arg("new_v") = py::none())
-        .def("apply_shared",
-             [](SeqState & s, int part, carray<int32_t> keep) {
-                 std::vector<int32_t> kv(keep.data(), keep.data() + keep.size());
-                 Stream & st = active_mut(s, part);
-                 Stream out;
-                 {
-                     py::gil_scoped_release nogil;
-                     StreamView v(st);
-                     out = compact_shared(v, kv);
-                 }
-                 st = std::move(out);
-             },
-             py::arg("part"), py::arg("keep"));
+        ;
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
     m.def("score_layer",

@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import llama_cpp
 import llama_cpp.llama_cpp as L
 
 from . import kvstate

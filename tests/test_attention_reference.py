@@ -4,7 +4,6 @@ kept set, in every compressed layer (flash attention on and off)."""
 
 import numpy as np
 import pytest
-import torch
 
 import reference as ref
 from grkv_cpp import kvstate

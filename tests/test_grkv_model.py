@@ -4,7 +4,6 @@ per-layer safeguard on real data."""
 
 import numpy as np
 import pytest
-import torch
 
 from grkv_cpp import _native, kvstate
 from grkv_cpp.compressor import capture_positions, captured_queries, compress_cache
