@@ -44,6 +44,7 @@ class CompressedLlama:
         self.rng = np.random.default_rng(seed)
         self.stats = Stats()
         self._context_len = 0        # tokens of the compressed context (its next position)
+        self._cells = 0              # cells the compressed context occupies
         self._format = None
 
     # ---------------------------------------------------------------- helpers
@@ -73,10 +74,26 @@ class CompressedLlama:
         text = self._format.question_template.format(question=question) + answer_prefix
         return self.tokenize(text, bos=False)
 
+    def _eval(self, tokens: Sequence[int]):
+        """Decode tokens at the next positions. Unlike Llama.eval this keeps no
+        token history sized by n_ctx, so positions may run past n_ctx (a
+        budgeted cache holds fewer cells than positions)."""
+        llm = self.llm
+        for i in range(0, len(tokens), llm.n_batch):
+            piece = list(tokens[i: i + llm.n_batch])
+            llm._batch.set_batch(batch=piece, n_past=llm.n_tokens, logits_all=False)
+            llm._ctx.decode(llm._batch)
+            llm.n_tokens += len(piece)
+
+    def _reset(self):
+        self.llm.reset()
+        kvstate.remove_from(self.ctx, 0)
+
     def _check_room(self, n: int):
         if n > self.n_ctx:
             raise GrkvError(
-                f"{n} tokens do not fit the context of {self.n_ctx} cells; create the model with a larger n_ctx"
+                f"{n} tokens do not fit the context of {self.n_ctx} cells; create the model with a larger n_ctx, "
+                "or run a budgeted request (compress_budgeted / --kv-budget N --chunk C)"
             )
 
     def _prefill(self, tokens: Sequence[int], capture: int | Sequence[int] = 0, whole: bool = False):
@@ -84,17 +101,17 @@ class CompressedLlama:
         `capture` (positions, or an int n for the last n). Queries confined to
         the tail are captured by evaluating the tail as its own batch; `whole`
         keeps capture on for the whole prefill (rows filtered natively)."""
-        self.llm.reset()
+        self._reset()
         positions = list(range(len(tokens) - capture, len(tokens))) if isinstance(capture, int) else list(capture)
         if not positions:
-            self.llm.eval(tokens)
+            self._eval(tokens)
             return
         self.capture.set_targets([(*QUERIES, positions)])
         head = 0 if whole else min(positions)
         if head > 0:
-            self.llm.eval(tokens[:head])
+            self._eval(tokens[:head])
         with self.capture.enabled():
-            self.llm.eval(tokens[head:])
+            self._eval(tokens[head:])
 
     # ------------------------------------------------------------- compression
     def compress(self, context: str, *, method: str | Method = "snapkv", ratio: float | None = None,
@@ -130,8 +147,9 @@ class CompressedLlama:
                              capture=self.capture, n_threads=self.n_threads)
         t2 = time.perf_counter()
         if question is not None:
-            self.llm.eval(tokens[-1:])
+            self._eval(tokens[-1:])
         self._context_len = self.llm.n_tokens
+        self._cells = res.cells_after + (1 if question is not None else 0)
         label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
         self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
                            question_tokens=len(tokens) - n_ctx_tokens,
@@ -150,6 +168,7 @@ class CompressedLlama:
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         cells, nbytes = state.part_info(0)["n_cells"], kvstate.kv_bytes(state)
         self._context_len = self.llm.n_tokens
+        self._cells = cells
         self.stats = Stats(method="full", context_tokens=len(tokens), kv_cells_before=cells, kv_cells_after=cells,
                            kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=time.perf_counter() - t0)
         return self.stats
@@ -197,8 +216,8 @@ class CompressedLlama:
                     emitted = len(text)
                 if n == max_tokens:
                     break
-                self._check_room(self.llm.n_tokens + 1)
-                self.llm.eval([tok])
+                self._check_room(self._cells + self.llm.n_tokens - self._context_len + 1)
+                self._eval([tok])
         finally:
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.generated_tokens += n
@@ -211,7 +230,7 @@ class CompressedLlama:
         if self._context_len == 0:
             raise GrkvError("call compress() or prefill() with a context first")
         q = self._question_tokens(question, answer_prefix)
-        self._check_room(self._context_len + len(q) + max_tokens)
+        self._check_room(self._cells + len(q) + max_tokens)
         self.stats.question_tokens = len(q)
         self.stats.decode_s = 0.0
         self.stats.generated_tokens = 0
@@ -219,7 +238,7 @@ class CompressedLlama:
         def run():
             try:
                 t0 = time.perf_counter()
-                self.llm.eval(q)
+                self._eval(q)
                 self.stats.decode_s += time.perf_counter() - t0
                 yield from self.generate(max_tokens, temperature=temperature, top_p=top_p, stop=stop)
             finally:
