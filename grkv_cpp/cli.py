@@ -104,6 +104,9 @@ def demo(model, kv_ratio, threads):
 @click.option("--method", default="snapkv", show_default=True, callback=_check_method, help=METHODS_HELP)
 @click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache.")
 @click.option("--kv-budget", type=int, default=None, help="Kept tokens (cells).")
+@click.option("--chunk", type=int, default=None,
+              help="With --kv-budget: bounded-memory prefill in chunks of this many tokens, compressing back to "
+                   "the budget after each; the context is sized budget + chunk + answer room.")
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads (default: per layer and KV head).")
 @click.option("--query-aware", is_flag=True, help="Compress with the (single) question inside the window.")
 @click.option("--window", type=int, default=32, show_default=True, help="SnapKV observation window.")
@@ -120,14 +123,18 @@ def demo(model, kv_ratio, threads):
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-def ask(model, context_file, questions, method, kv_ratio, kv_budget, shared, query_aware, window, kernel, n_sink,
+def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
         query_mode, lam, steps, guard, max_tokens, n_ctx, flash_attn, threads, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
     if query_aware and len(questions) != 1:
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
+    if chunk is not None and (kv_budget is None or query_aware or method == "full"):
+        raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a query-agnostic method")
     context = context_file.read()
+    if chunk is not None:
+        n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
     m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose)
     evict, _, merge = method.partition("+")
     params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(evict, {})
@@ -141,6 +148,8 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, shared, que
     else:
         if method == "full":
             m.prefill(context)
+        elif chunk is not None:
+            m.compress_budgeted(context, budget=kv_budget, chunk=chunk, method=method, shared=shared, **params)
         else:
             m.compress(context, method=method, ratio=kv_ratio, budget=kv_budget, shared=shared, **params)
         for q in questions:

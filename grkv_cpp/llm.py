@@ -13,7 +13,7 @@ import llama_cpp.llama_cpp as L
 
 from . import kvstate
 from .capture import QUERIES, GraphCapture
-from .compressor import capture_positions, compress_cache
+from .compressor import capture_positions, compress_cache, observation_window
 from .errors import GrkvError
 from .loader import describe, open_llama
 from .methods import Method, parse_method
@@ -157,6 +157,58 @@ class CompressedLlama:
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
                            prefill_s=t1 - t0, compress_s=t2 - t1)
         self._last_compress = res
+        return self.stats
+
+    def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
+                          shared: bool = False, **params) -> Stats:
+        """Bounded-memory prefill: feed the context in chunks of `chunk` tokens
+        and compress the cache back to `budget` cells after each chunk, so a
+        context many times n_ctx runs in a cache of budget + chunk cells.
+        Each chunk's last window scores the cache (compressed past + chunk);
+        a GRKV merge fits to attention over that same cache."""
+        m, merge = parse_method(method, **params)
+        if merge is not None and getattr(merge, "query_mode", "window") != "window":
+            raise GrkvError("budgeted prefill supports GRKV's window queries only")
+        if budget < 1 or chunk < 1:
+            raise GrkvError("budget and chunk must be >= 1 token")
+        tokens = self._tokens_for(context)
+        # room for the budget, a chunk, and the question and answer that follow (1 at least)
+        self._check_room(budget + chunk + 1)
+        self._reset()
+        w_max = observation_window(m, merge)
+        t_prefill = t_compress = 0.0
+        n_compress = 0
+        cells = 0
+        self.budget_trace = []  # cells held after each chunk (after its compression)
+        for a in range(0, len(tokens), chunk):
+            piece = tokens[a: a + chunk]
+            w = min(w_max, len(piece))
+            t0 = time.perf_counter()
+            if w:
+                self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
+                self._eval(piece[: len(piece) - w])
+                with self.capture.enabled():
+                    self._eval(piece[len(piece) - w:])
+            else:
+                self._eval(piece)
+            t1 = time.perf_counter()
+            cells += len(piece)
+            if cells > budget:
+                res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
+                                     capture=self.capture, n_threads=self.n_threads)
+                cells = res.cells_after
+                n_compress += 1
+            self.budget_trace.append(cells)
+            t_prefill += t1 - t0
+            t_compress += time.perf_counter() - t1
+        state = kvstate.parse(kvstate.get_blob(self.ctx))
+        self._context_len = self.llm.n_tokens
+        self._cells = state.part_info(0)["n_cells"]
+        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        self.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
+                           kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
+                           kv_bytes_before=len(tokens) * state.part_info(0)["bytes_per_cell"],
+                           prefill_s=t_prefill, compress_s=t_compress, compressions=n_compress)
         return self.stats
 
     def prefill(self, context: str) -> Stats:

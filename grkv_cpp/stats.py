@@ -18,6 +18,7 @@ class Stats:
     compress_s: float = 0.0
     decode_s: float = 0.0
     generated_tokens: int = 0
+    compressions: int = 0  # budgeted prefill: how many times the cache was compressed
     merge_report: dict = field(default_factory=dict)  # GRKV: per-layer objectives and safeguard choice
 
     def to_dict(self) -> dict:
