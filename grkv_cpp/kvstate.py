@@ -52,6 +52,20 @@ def kv_bytes(state: _native.SeqState) -> int:
     return total
 
 
+def kv_buffer_bytes(state: _native.SeqState, kv_size: int) -> int:
+    """Bytes of the K/V buffers allocated for `kv_size` cells per cache (an
+    iSWA model's sliding-window cache is full-size in this llama.cpp: swa_full)."""
+    return sum(kv_size * state.part_info(p)["bytes_per_cell"] for p in range(state.n_parts))
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 class Rollback:
     """Keeps the original blob; restores it if the body raises."""
 

@@ -15,6 +15,7 @@ from . import kvstate
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, compress_cache, observation_window
 from .errors import GrkvError
+from .footprint import simulate
 from .loader import describe, open_llama
 from .methods import Method, parse_method
 from .prompt import build_format
@@ -157,6 +158,8 @@ class CompressedLlama:
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
                            prefill_s=t1 - t0, compress_s=t2 - t1)
         self._last_compress = res
+        self._memory_stats(kvstate.parse(kvstate.get_blob(self.ctx)),
+                           simulate(len(body), budget=res.cells_after))  # post-fill eviction
         return self.stats
 
     def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
@@ -209,7 +212,13 @@ class CompressedLlama:
                            kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
                            kv_bytes_before=len(tokens) * state.part_info(0)["bytes_per_cell"],
                            prefill_s=t_prefill, compress_s=t_compress, compressions=n_compress)
+        self._memory_stats(state, simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats
+
+    def _memory_stats(self, state, fp):
+        self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(state, L.llama_n_ctx(self.ctx))
+        self.stats.kv_footprint, self.stats.kv_peak = fp.footprint, fp.peak
+        self.stats.peak_rss_bytes = kvstate.peak_rss_bytes()
 
     def prefill(self, context: str) -> Stats:
         """Prefill `context` with the full cache (no compression), for comparison."""
@@ -223,6 +232,7 @@ class CompressedLlama:
         self._cells = cells
         self.stats = Stats(method="full", context_tokens=len(tokens), kv_cells_before=cells, kv_cells_after=cells,
                            kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=time.perf_counter() - t0)
+        self._memory_stats(state, simulate(len(tokens)))
         return self.stats
 
     # --------------------------------------------------------------- decoding

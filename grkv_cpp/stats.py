@@ -19,6 +19,10 @@ class Stats:
     decode_s: float = 0.0
     generated_tokens: int = 0
     compressions: int = 0  # budgeted prefill: how many times the cache was compressed
+    kv_buffer_bytes: int = 0   # K/V buffers llama.cpp allocated for the context (sized by n_ctx)
+    kv_footprint: float = 0.0  # "Cache Me If You Can" footprint of the prefill (grkv_cpp.footprint)
+    kv_peak: float = 0.0       # and its KV peak, as fractions of the full cache
+    peak_rss_bytes: int = 0    # peak resident memory of the process so far
     merge_report: dict = field(default_factory=dict)  # GRKV: per-layer objectives and safeguard choice
 
     def to_dict(self) -> dict:

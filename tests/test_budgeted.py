@@ -38,3 +38,20 @@ def test_cli_budgeted(tiny_gguf, tmp_path):
     assert r.exit_code == 0, r.output
     st = json.loads(r.output[r.output.index("{"):])["results"][0]["stats"]
     assert st["kv_cells_after"] == 200 and st["context_tokens"] > 2000
+
+
+def test_memory_stats(tiny_gguf):
+    from grkv_cpp.footprint import simulate
+
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    st = m.compress_budgeted(CONTEXT, budget=256, chunk=128, method="knorm")
+    fp = simulate(st.context_tokens, chunk=128, budget=256, evict_during_prefill=True)
+    assert (st.kv_footprint, st.kv_peak) == (fp.footprint, fp.peak)
+    assert st.kv_peak == pytest.approx((256 + 128) / st.context_tokens)
+    # tiny model: 3 layers, K and V of 2 KV heads x 16 dims in f16 = 384 bytes per cell; 512 cells allocated
+    assert st.kv_buffer_bytes == 512 * 3 * 2 * (2 * 16) * 2
+    assert st.peak_rss_bytes > 10 * 2**20
+    full = m.prefill(CONTEXT[:600])
+    assert (full.kv_footprint, full.kv_peak) == (1.0, 1.0)
+    post = m.compress(CONTEXT[:600], method="knorm", ratio=0.5)
+    assert post.kv_peak == 1.0  # post-fill eviction: the whole prompt was cached first
