@@ -2,9 +2,9 @@
 
 from .errors import CompressionError, GrkvError, NativeError, UnsupportedModelError
 from .llm import CompressedLlama
-from .methods import KNorm, SnapKV, StreamingLLM, get_method
+from .methods import KNorm, SnapKV, StreamingLLM, parse_method
 from .stats import Stats
 
-__all__ = ["CompressedLlama", "Stats", "SnapKV", "KNorm", "StreamingLLM", "get_method", "GrkvError",
+__all__ = ["CompressedLlama", "Stats", "SnapKV", "KNorm", "StreamingLLM", "parse_method", "GrkvError",
            "CompressionError", "UnsupportedModelError", "NativeError"]
 __version__ = "0.1.0"

@@ -58,6 +58,7 @@ class CompressResult:
     seconds: float
     keep: np.ndarray | None  # [n_layer, n_head_kv, B] position-order indices
     positions: np.ndarray     # positions of the cache's tokens before compression, ascending
+    bytes_per_cell: list = field(default_factory=list)  # per cache part (unchanged by compression)
     merge_report: dict = field(default_factory=dict)
 
 
@@ -107,10 +108,12 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             f"the cache holds {info0['n_layer']} layers but the model description expects {len(info.cache_layers)}"
         )
     bytes_before = kvstate.kv_bytes(state)
+    per_cell = kvstate.bytes_per_cell(state)
     positions = state.positions(PART)
     B = resolve_budget(n_cells, ratio, budget)
     if B >= n_cells:
-        return CompressResult(n_cells, n_cells, bytes_before, bytes_before, time.perf_counter() - t0, None, positions)
+        return CompressResult(n_cells, n_cells, bytes_before, bytes_before, time.perf_counter() - t0, None, positions,
+                              per_cell)
     w = min(observation_window(method, merge), n_cells)
     window_start = int(positions[-w]) if w else int(positions[-1]) + 1
     layers = captured or []
@@ -144,4 +147,4 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             raise CompressionError(f"after compression the last position reads {pmax}, expected {label_end}")
     bytes_after = kvstate.kv_bytes(state)
     return CompressResult(n_cells, B, bytes_before, bytes_after, time.perf_counter() - t0, keep, positions,
-                          dict(report))
+                          per_cell, dict(report))

@@ -52,10 +52,15 @@ def kv_bytes(state: _native.SeqState) -> int:
     return total
 
 
-def kv_buffer_bytes(state: _native.SeqState, kv_size: int) -> int:
+def bytes_per_cell(state: _native.SeqState) -> list[int]:
+    """K and V bytes one cell takes, per cache part."""
+    return [state.part_info(p)["bytes_per_cell"] for p in range(state.n_parts)]
+
+
+def kv_buffer_bytes(per_cell: list[int], kv_size: int) -> int:
     """Bytes of the K/V buffers allocated for `kv_size` cells per cache (an
     iSWA model's sliding-window cache is full-size in this llama.cpp: swa_full)."""
-    return sum(kv_size * state.part_info(p)["bytes_per_cell"] for p in range(state.n_parts))
+    return kv_size * sum(per_cell)
 
 
 def peak_rss_bytes() -> int:

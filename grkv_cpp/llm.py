@@ -158,8 +158,7 @@ class CompressedLlama:
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
                            prefill_s=t1 - t0, compress_s=t2 - t1)
         self._last_compress = res
-        self._memory_stats(kvstate.parse(kvstate.get_blob(self.ctx)),
-                           simulate(len(body), budget=res.cells_after))  # post-fill eviction
+        self._memory_stats(res.bytes_per_cell, simulate(len(body), budget=res.cells_after))  # post-fill eviction
         return self.stats
 
     def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
@@ -212,11 +211,12 @@ class CompressedLlama:
                            kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
                            kv_bytes_before=len(tokens) * state.part_info(0)["bytes_per_cell"],
                            prefill_s=t_prefill, compress_s=t_compress, compressions=n_compress)
-        self._memory_stats(state, simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
+        self._memory_stats(kvstate.bytes_per_cell(state),
+                           simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats
 
-    def _memory_stats(self, state, fp):
-        self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(state, L.llama_n_ctx(self.ctx))
+    def _memory_stats(self, per_cell: list[int], fp):
+        self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(per_cell, L.llama_n_ctx(self.ctx))
         self.stats.kv_footprint, self.stats.kv_peak = fp.footprint, fp.peak
         self.stats.peak_rss_bytes = kvstate.peak_rss_bytes()
 
@@ -232,7 +232,7 @@ class CompressedLlama:
         self._cells = cells
         self.stats = Stats(method="full", context_tokens=len(tokens), kv_cells_before=cells, kv_cells_after=cells,
                            kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=time.perf_counter() - t0)
-        self._memory_stats(state, simulate(len(tokens)))
+        self._memory_stats(kvstate.bytes_per_cell(state), simulate(len(tokens)))
         return self.stats
 
     # --------------------------------------------------------------- decoding

@@ -9,17 +9,6 @@ from .streaming import StreamingLLM
 REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM}
 
 
-def get_method(name: str | Method, **params) -> Method:
-    """A method from its name (``snapkv``, ``knorm``, ``streaming``) or an instance."""
-    if isinstance(name, Method):
-        return name
-    try:
-        cls = REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}") from None
-    return cls(**params)
-
-
 def parse_method(spec, **params):
     """`snapkv`, `snapkv+grkv`, `knorm+merge`, ... -> (Method, Merge or None).
     Keyword parameters go to whichever of the two declares them."""
@@ -48,4 +37,4 @@ def parse_method(spec, **params):
     return method, merge
 
 
-__all__ = ["Method", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "get_method", "parse_method"]
+__all__ = ["Method", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]
