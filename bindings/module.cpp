@@ -55,8 +55,10 @@ std::vector<LayerQueries> to_queries(const py::list & qs) {
     return out;
 }
 
-MethodParams method_params(const std::string & name, int kernel, int n_sink) {
+MethodParams method_params(const std::string & name, int kernel, int n_sink, float alpha = 0.8f,
+                           float mix_lambda = 0.5f, float sim_threshold = 0.5f) {
     MethodParams m;
+    m.gkv = GkvParams{alpha, mix_lambda, sim_threshold};
     // "snapkv-max" = SnapKV with max pooling
     m.max_pool = name == "snapkv-max";
     m.name = m.max_pool ? "snapkv" : name;
@@ -155,9 +157,18 @@ PYBIND11_MODULE(_native, m) {
              [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
                 const std::string & merge, float lambda, float cap_v, float cap_k, int steps, bool update_k,
-                float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads) {
+                float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
+                float alpha, float mix_lambda, float sim_threshold, py::object history) {
                  CompressRequest req;
-                 req.method = method_params(method, kernel, n_sink);
+                 req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold);
+                 if (!history.is_none()) {  // [L][n_head_kv][n_cells]
+                     auto h = history.cast<carray<float>>();
+                     if (h.ndim() != 3) throw Error("history must be [n_layer, n_head_kv, n_cells]");
+                     const size_t per = (size_t) h.shape(1) * h.shape(2);
+                     for (py::ssize_t l = 0; l < h.shape(0); ++l) {
+                         req.history.emplace_back(h.data() + l * per, h.data() + (l + 1) * per);
+                     }
+                 }
                  req.shape = ModelShape{n_head, n_head_kv, scale};
                  req.queries = to_queries(queries);
                  req.budget = budget;
@@ -196,6 +207,7 @@ PYBIND11_MODULE(_native, m) {
                  rep["obj_v"] = out.report.obj_v;
                  rep["obj_kv"] = out.report.obj_kv;
                  rep["n_mutable"] = out.report.n_mutable;
+                 if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, budget});
                  return py::make_tuple(to_numpy(std::move(out.keep), {L, n_head_kv, budget}), rep);
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
@@ -203,13 +215,15 @@ PYBIND11_MODULE(_native, m) {
              py::arg("label_end"), py::arg("merge") = "none", py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f,
              py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
              py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
-             py::arg("n_threads") = 1)
+             py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
+             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none())
         ;
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
     m.def("score_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos,
-             int n_head, float scale, int kernel, int n_sink) {
+             int n_head, float scale, int kernel, int n_sink, py::object hist, float alpha, float mix_lambda,
+             float sim_threshold) {
               if (k.ndim() != 3) throw Error("k must be [T, n_head_kv, head_dim]");
               LayerInput in;
               in.k = k.data();
@@ -232,11 +246,25 @@ PYBIND11_MODULE(_native, m) {
               if (method == "snapkv" || method == "snapkv-max") sc = score_snapkv(in, kernel, method == "snapkv-max");
               else if (method == "knorm") sc = score_knorm(in);
               else if (method == "streaming") sc = score_streaming(in, n_sink);
-              else throw Error("unknown method " + method);
-              return py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T}));
+              else if (method == "gkv") {
+                  carray<float> h;
+                  if (!hist.is_none()) {
+                      h = hist.cast<carray<float>>();
+                      if (h.size() != (py::ssize_t) in.n_head_kv * in.T) throw Error("hist must be [n_head_kv, T]");
+                  }
+                  std::vector<float> g;
+                  sc = score_gkv(in, hist.is_none() ? nullptr : h.data(), GkvParams{alpha, mix_lambda, sim_threshold},
+                                 &g);
+                  return py::tuple(py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}),
+                                                  to_numpy(sc.protect, {in.T}),
+                                                  to_numpy(std::move(g), {in.n_head_kv, in.T})));
+              } else throw Error("unknown method " + method);
+              return py::tuple(py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T})));
           },
           py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q") = py::none(), py::arg("qpos") = py::none(),
-          py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("kernel") = 5, py::arg("n_sink") = 4);
+          py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("kernel") = 5, py::arg("n_sink") = 4,
+          py::arg("hist") = py::none(), py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
+          py::arg("sim_threshold") = 0.5f);
     m.def("select_per_head",
           [](carray<float> s, carray<uint8_t> prot, int budget) {
               Scores sc;

@@ -133,9 +133,11 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
     if chunk is not None and (kv_budget is None or query_aware or method == "full"):
         raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a query-agnostic method")
     context = context_file.read()
+    kw = {}
     if chunk is not None:
         n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
-    m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose)
+        kw["swa_full"] = False  # an iSWA model's window cache sized for the window, not n_ctx
+    m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose, **kw)
     evict, _, merge = method.partition("+")
     params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(evict, {})
     if merge == "grkv":

@@ -57,10 +57,11 @@ def bytes_per_cell(state: _native.SeqState) -> list[int]:
     return [state.part_info(p)["bytes_per_cell"] for p in range(state.n_parts)]
 
 
-def kv_buffer_bytes(per_cell: list[int], kv_size: int) -> int:
-    """Bytes of the K/V buffers allocated for `kv_size` cells per cache (an
-    iSWA model's sliding-window cache is full-size in this llama.cpp: swa_full)."""
-    return kv_size * sum(per_cell)
+def kv_buffer_bytes(per_cell: list[int], sizes: list[int]) -> int:
+    """Bytes of the K/V buffers allocated: `sizes[p]` cells of cache part p."""
+    if len(sizes) != len(per_cell):
+        raise ValueError(f"{len(per_cell)} cache parts but {len(sizes)} sizes")
+    return sum(n * b for n, b in zip(sizes, per_cell))
 
 
 def peak_rss_bytes() -> int:

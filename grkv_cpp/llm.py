@@ -33,13 +33,15 @@ class CompressedLlama:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, flash_attn: bool = False, type_k: str = "f16",
-                 type_v: str = "f16", seed: int = 0, verbose: bool = False):
+                 type_v: str = "f16", seed: int = 0, swa_full: bool = True, verbose: bool = False):
         self.capture = GraphCapture()
         self.capture.set_targets([QUERIES])
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.llm = open_llama(model_path, callback=self.capture.c_callback, user_data=self.capture.user_data,
                               type_k=type_k, type_v=type_v, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                              n_threads=self.n_threads, flash_attn=flash_attn, seed=seed, verbose=verbose)
+                              n_threads=self.n_threads, flash_attn=flash_attn, seed=seed, swa_full=swa_full,
+                              verbose=verbose)
+        self.swa_full = swa_full
         self.info = describe(self.llm)
         self.vocab = L.llama_model_get_vocab(self.llm._model.model)
         self.rng = np.random.default_rng(seed)
@@ -47,6 +49,19 @@ class CompressedLlama:
         self._context_len = 0        # tokens of the compressed context (its next position)
         self._cells = 0              # cells the compressed context occupies
         self._format = None
+
+    @classmethod
+    def for_budget(cls, model_path: str | os.PathLike, *, budget: int, chunk: int = 512, headroom: int = 256,
+                   **kw) -> "CompressedLlama":
+        """A model whose context holds budget + chunk + headroom cells and no
+        more, for `compress_budgeted` (headroom: the question and the answer,
+        or N tokens of decode-time compression). An iSWA model's
+        sliding-window cache is sized for its window, not for n_ctx."""
+        if budget < 1 or chunk < 1 or headroom < 1:
+            raise GrkvError("budget, chunk and headroom must be >= 1 token")
+        kw.setdefault("n_batch", min(chunk, 512))
+        kw.setdefault("swa_full", False)
+        return cls(model_path, n_ctx=budget + chunk + headroom, **kw)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -215,8 +230,18 @@ class CompressedLlama:
                            simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats
 
+    def kv_cache_sizes(self) -> list[int]:
+        """Cells llama.cpp allocated per cache: n_ctx, and for an iSWA model
+        its sliding-window cache (n_ctx with swa_full, else the window plus
+        a micro-batch, padded to 256 as llama.cpp does)."""
+        n = L.llama_n_ctx(self.ctx)
+        if not self.info.iswa:
+            return [n]
+        swa = n if self.swa_full else min(n, -(-(self.info.n_swa + self.llm.context_params.n_ubatch) // 256) * 256)
+        return [n, swa]
+
     def _memory_stats(self, per_cell: list[int], fp):
-        self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(per_cell, L.llama_n_ctx(self.ctx))
+        self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(per_cell, self.kv_cache_sizes())
         self.stats.kv_footprint, self.stats.kv_peak = fp.footprint, fp.peak
         self.stats.peak_rss_bytes = kvstate.peak_rss_bytes()
 
@@ -252,8 +277,9 @@ class CompressedLlama:
         return int(self.rng.choice(len(p), p=p))
 
     def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream text pieces continuing the current sequence."""
+                 stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[str]:
+        """Stream text pieces continuing the current sequence (`ignore_eos`:
+        run to max_tokens, as decode benchmarks do)."""
         t0 = time.perf_counter()
         out = b""
         emitted = 0
@@ -261,7 +287,7 @@ class CompressedLlama:
         try:
             for n in range(1, max_tokens + 1):
                 tok = self._next_token(temperature, top_p)
-                if L.llama_vocab_is_eog(self.vocab, tok):
+                if not ignore_eos and L.llama_vocab_is_eog(self.vocab, tok):
                     n -= 1
                     break
                 out += self.llm.detokenize([tok])
@@ -285,7 +311,7 @@ class CompressedLlama:
             self.stats.generated_tokens += n
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-            stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False):
+            stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False, ignore_eos: bool = False):
         """Answer `question` against the compressed context; the answer's KV is
         removed afterwards so the next question sees the same context.
         `answer_prefix` starts the answer (e.g. "The pass key is")."""
@@ -294,15 +320,16 @@ class CompressedLlama:
         q = self._question_tokens(question, answer_prefix)
         self._check_room(self._cells + len(q) + max_tokens)
         self.stats.question_tokens = len(q)
-        self.stats.decode_s = 0.0
+        self.stats.question_s = self.stats.decode_s = 0.0
         self.stats.generated_tokens = 0
 
         def run():
             try:
                 t0 = time.perf_counter()
                 self._eval(q)
-                self.stats.decode_s += time.perf_counter() - t0
-                yield from self.generate(max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+                self.stats.question_s = time.perf_counter() - t0
+                yield from self.generate(max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                         ignore_eos=ignore_eos)
             finally:
                 kvstate.remove_from(self.ctx, self._context_len)
                 self.llm.n_tokens = self._context_len

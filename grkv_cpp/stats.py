@@ -16,7 +16,8 @@ class Stats:
     kv_bytes_after: int = 0
     prefill_s: float = 0.0
     compress_s: float = 0.0
-    decode_s: float = 0.0
+    question_s: float = 0.0   # ask(): evaluating the question's tokens
+    decode_s: float = 0.0     # generating the answer (tokens/s = generated_tokens / decode_s)
     generated_tokens: int = 0
     compressions: int = 0  # budgeted prefill: how many times the cache was compressed
     kv_buffer_bytes: int = 0   # K/V buffers llama.cpp allocated for the context (sized by n_ctx)

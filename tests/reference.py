@@ -36,6 +36,44 @@ def snapkv_scores(k, pos, q, qpos, n_head, scale, kernel=5, pooling="avg"):
     return out, protect
 
 
+def gkv_scores(k, pos, q, qpos, n_head, scale, hist=None, alpha=0.8, lam=0.5, thr=0.5):
+    """G-KV (spec §8.1) -> (final [Hkv, T], protect [T], global [Hkv, T]).
+    local: window softmax, max over the GQA group, mean over the window, / max;
+    global = max(alpha * hist, local); redundancy: cosine similarity of the
+    prefix keys, diagonal and each row's most recent copy (cos > thr) zeroed,
+    column mean, softmax, / max; final = lam * global - (1 - lam) * redundancy."""
+    k, q = _t(k), _t(q)
+    pos, qpos = torch.as_tensor(pos), torch.as_tensor(qpos)
+    T, Hkv, d = k.shape
+    G = n_head // Hkv
+    kk = k.repeat_interleave(G, dim=1)
+    logits = torch.einsum("whd,thd->hwt", q, kk) * scale
+    logits = logits.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+    attn = torch.softmax(logits, dim=-1).view(Hkv, G, len(qpos), T)
+    n = int((pos < qpos.min()).sum())
+    loc = attn.max(dim=1).values.mean(dim=1)[:, :n]               # [Hkv, n]
+    loc = loc / loc.max(dim=1, keepdim=True).values
+    g = loc if hist is None else torch.maximum(alpha * _t(hist)[:, :n], loc)
+    kn = k[:n] / (k[:n].norm(dim=-1, keepdim=True) + 1e-8)       # [n, Hkv, d]
+    sim = torch.einsum("ihd,jhd->hij", kn, kn)
+    sim = sim * (1 - torch.eye(n, dtype=torch.float64))
+    for h in range(Hkv):
+        for i in range(n):
+            similar = torch.nonzero(sim[h, i] > thr).flatten()
+            if len(similar):
+                sim[h, i, similar.max()] = 0.0
+    red = torch.softmax(sim.mean(dim=1), dim=-1)
+    red = red / red.max(dim=1, keepdim=True).values
+    out = torch.empty(Hkv, T, dtype=torch.float64)
+    out[:, :n] = lam * g - (1 - lam) * red
+    out[:, n:] = out[:, :n].max(dim=1, keepdim=True).values + 1
+    glob = torch.zeros(Hkv, T, dtype=torch.float64)
+    glob[:, :n] = g
+    protect = torch.zeros(T, dtype=torch.bool)
+    protect[n:] = True
+    return out, protect, glob
+
+
 def knorm_scores(k):
     k = _t(k)
     return -k.norm(dim=-1).T, torch.zeros(k.shape[0], dtype=torch.bool)

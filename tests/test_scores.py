@@ -86,3 +86,38 @@ def test_f16_round_trip_matches_numpy():
     got_bf = _native.f32_round_trip(x[:100], "bf16")
     want_bf = torch.tensor(x[:100]).to(torch.bfloat16).to(torch.float32).numpy()
     np.testing.assert_array_equal(got_bf, want_bf)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("with_history", [False, True])
+def test_gkv_matches_reference(seed, with_history):
+    k, q, pos, qpos, H = random_layer(seed, T=120)
+    # three copies of a span make the redundancy term (and its most-recent-copy rule) matter
+    noise = np.random.default_rng(seed).standard_normal((2, *k[10:20].shape)).astype(np.float32)
+    k[40:50] = k[10:20] + 0.01 * noise[0]
+    k[70:80] = k[10:20] + 0.01 * noise[1]
+    scale = 1 / np.sqrt(k.shape[-1])
+    hist = np.random.default_rng(seed + 10).random((k.shape[1], len(k))).astype(np.float32) if with_history else None
+    s, prot, g = _native.score_layer("gkv", k, pos, q, qpos, n_head=H, scale=scale, hist=hist)
+    rs, rprot, rg = ref.gkv_scores(k, pos, q, qpos, H, scale, hist)
+    np.testing.assert_allclose(g, rg.numpy(), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(s, rs.numpy(), rtol=2e-5, atol=1e-6)
+    assert (prot.astype(bool) == rprot.numpy()).all()
+    sel = _native.select_per_head(s, prot, 50)
+    assert (sel == ref.select(rs, rprot, 50).numpy()).all()
+    # redundancy = (lambda * g - s) / (1 - lambda): the oldest copy is the most
+    # redundant, the newest is spared (its rows' most recent copy is zeroed)
+    red = (0.5 * g - s)[:, :112] / 0.5
+    others = np.r_[0:10, 20:40, 50:70, 80:112]
+    oldest, newest, rest = (red[:, sl].mean(axis=1) for sl in (slice(10, 20), slice(70, 80), others))
+    assert (oldest > newest).all() and (newest > rest).all()
+
+
+def test_gkv_history_decays():
+    k, q, pos, qpos, H = random_layer(0, T=60)
+    hist = np.zeros((k.shape[1], len(k)), np.float32)
+    hist[:, 3] = 1.0  # once the most attended token
+    _, _, g = _native.score_layer("gkv", k, pos, q, qpos, n_head=H, scale=0.25, hist=hist, alpha=0.8)
+    assert (g[:, 3] >= 0.8 - 1e-6).all()  # max(0.8 * 1, local) keeps it high
+    _, _, g0 = _native.score_layer("gkv", k, pos, q, qpos, n_head=H, scale=0.25)
+    assert (g0 <= 1 + 1e-6).all() and np.isclose(g0.max(axis=1), 1).all()

@@ -2,11 +2,12 @@
 itself runs in the native core (native/src/score/<name>.cpp)."""
 
 from .base import Method
+from .gkv import GKV
 from .knorm import KNorm
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
-REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM}
+REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM, "gkv": GKV}
 
 
 def parse_method(spec, **params):
@@ -37,4 +38,4 @@ def parse_method(spec, **params):
     return method, merge
 
 
-__all__ = ["Method", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]
+__all__ = ["Method", "GKV", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]

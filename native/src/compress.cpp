@@ -28,14 +28,26 @@ void parallel_for(int n, int n_threads, F f) {
 
 }  // namespace
 
-bool method_needs_queries(const std::string & name) { return name == "snapkv"; }
+bool method_needs_queries(const std::string & name) { return name == "snapkv" || name == "gkv"; }
 
 std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m, const ModelShape & shape,
-                                 const std::vector<LayerQueries> & queries, int n_threads) {
+                                 const std::vector<LayerQueries> & queries, int n_threads,
+                                 const std::vector<std::vector<float>> * history,
+                                 std::vector<std::vector<float>> * global) {
     const int L = (int) view.s->k.size();
-    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming") {
-        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming)");
+    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming" && m.name != "gkv") {
+        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming, gkv)");
     }
+    const int T = view.n_tokens();
+    if (history && !history->empty()) {
+        if ((int) history->size() != L) throw Error("G-KV history must hold every cache layer");
+        for (const auto & h : *history) {
+            if (h.size() != (size_t) shape.n_head_kv * T) {
+                throw Error("G-KV history must be [n_head_kv][n_cells] per layer (" + std::to_string(T) + " cells)");
+            }
+        }
+    }
+    if (global) global->assign(L, {});
     if (method_needs_queries(m.name) && (int) queries.size() != L) {
         throw Error(m.name + " needs window queries for all " + std::to_string(L) + " cache layers, got " +
                     std::to_string(queries.size()));
@@ -63,7 +75,10 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
             in.qpos = lq.qpos.data();
         }
         if (m.name == "snapkv") out[l] = score_snapkv(in, m.kernel, m.max_pool);
-        else if (m.name == "knorm") out[l] = score_knorm(in);
+        else if (m.name == "gkv") {
+            const float * h = history && !history->empty() ? (*history)[l].data() : nullptr;
+            out[l] = score_gkv(in, h, m.gkv, global ? &(*global)[l] : nullptr);
+        } else if (m.name == "knorm") out[l] = score_knorm(in);
         else out[l] = score_streaming(in, m.n_sink);
     });
     return out;

@@ -15,6 +15,7 @@ struct MethodParams {
     int kernel = 5;                // SnapKV pooling kernel
     bool max_pool = false;         // SnapKV pooling: average (kvpress) or max
     int n_sink = 4;                // StreamingLLM sinks
+    GkvParams gkv;                 // G-KV
 };
 
 struct LayerQueries {
@@ -31,8 +32,12 @@ bool method_needs_queries(const std::string & name);
 
 // Scores for every layer of the stream (cache-layer order). `queries` is
 // indexed like the cache layers; it may be empty for query-free methods.
+// G-KV: `history` holds per layer [n_head_kv][T] (or is empty) and `global`
+// receives the new global scores in the same shape.
 std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m, const ModelShape & shape,
-                                 const std::vector<LayerQueries> & queries, int n_threads);
+                                 const std::vector<LayerQueries> & queries, int n_threads,
+                                 const std::vector<std::vector<float>> * history = nullptr,
+                                 std::vector<std::vector<float>> * global = nullptr);
 
 // keep[l][h][j] flattened: per (layer, KV head) top-`budget` token indices.
 std::vector<int32_t> select_layers_per_head(const std::vector<Scores> & scores, int budget, int n_threads);
@@ -74,11 +79,13 @@ struct CompressRequest {
     std::vector<LayerSurrogate> surrogate; // GRKV only
     int32_t window_start = 0;              // tokens at/after this position stay fixed (GRKV)
     int n_threads = 1;
+    std::vector<std::vector<float>> history;  // G-KV: per layer [n_head_kv][n_cells], or empty
 };
 
 struct CompressOutcome {
     std::vector<int32_t> keep;             // [L][n_head_kv][budget]
     MergeReport report;
+    std::vector<float> global;             // G-KV: kept tokens' global scores [L][n_head_kv][budget]
 };
 
 // score -> select -> merge -> rebuild the stream (replaces `st`). Per-head

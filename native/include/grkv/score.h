@@ -28,6 +28,18 @@ struct Scores {
 // or max-pool, the original SnapKV's other option), mean over each KV head's
 // query group; the window is protected.
 Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool = false);
+struct GkvParams {
+    float alpha = 0.8f;          // history decay (max smoothing)
+    float mix_lambda = 0.5f;     // weight of the global score against redundancy
+    float sim_threshold = 0.5f;  // cosine above which a key counts as a copy
+};
+
+// G-KV: s_loc = window attention, max over the GQA group, mean over the
+// window, divided by its max; global g = max(alpha * hist, s_loc) (hist
+// [n_head_kv][T] or null = none); score = lambda * g - (1 - lambda) * redundancy.
+// The window is protected. `global` receives g ([n_head_kv][T], 0 in the
+// window): the history of the next compression.
+Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p, std::vector<float> * global);
 // KNorm: keys with a low L2 norm are kept (score = -||k||).
 Scores score_knorm(const LayerInput & in);
 // StreamingLLM: the first n_sink tokens are protected, the rest ranked by recency.

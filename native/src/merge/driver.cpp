@@ -189,7 +189,19 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
     StreamView view(st);
     const int L = (int) st.k.size();
     const int Hkv = req.shape.n_head_kv;
-    std::vector<Scores> sc = score_layers(view, req.method, req.shape, req.queries, req.n_threads);
+    std::vector<std::vector<float>> glob;
+    std::vector<Scores> sc = score_layers(view, req.method, req.shape, req.queries, req.n_threads, &req.history,
+                                          req.method.name == "gkv" ? &glob : nullptr);
+    // G-KV: the kept tokens' global scores, slot order (keep is ascending per head)
+    auto gather_global = [&]() {
+        if (glob.empty()) return;
+        const int T = view.n_tokens();
+        out.global.resize(out.keep.size());
+        for (size_t i = 0; i < out.keep.size(); ++i) {
+            const size_t l = i / ((size_t) Hkv * req.budget), h = (i / req.budget) % Hkv;
+            out.global[i] = glob[l][h * T + out.keep[i]];
+        }
+    };
     if (req.shared) {
         // shared sets keep original positions, and llama.cpp continues at the
         // last stored position + 1: the last token must stay
@@ -199,6 +211,7 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
             Stream ns = compact_shared(view, one);
             out.keep.reserve((size_t) L * Hkv * req.budget);
             for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
+            gather_global();
             st = std::move(ns);
             return out;
         }
@@ -206,6 +219,7 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
     } else {
         out.keep = select_layers_per_head(sc, req.budget, req.n_threads);
     }
+    gather_global();
     Stream ns;
     if (req.merge.name == "none") {
         ns = compact_per_head(view, out.keep, Hkv, req.budget, req.label_end);
