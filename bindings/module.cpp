@@ -56,8 +56,9 @@ std::vector<LayerQueries> to_queries(const py::list & qs) {
 }
 
 MethodParams method_params(const std::string & name, int kernel, int n_sink, float alpha = 0.8f,
-                           float mix_lambda = 0.5f, float sim_threshold = 0.5f) {
+                           float mix_lambda = 0.5f, float sim_threshold = 0.5f, int protect_divisor = 4) {
     MethodParams m;
+    m.protect_divisor = protect_divisor;
     m.gkv = GkvParams{alpha, mix_lambda, sim_threshold};
     // "snapkv-max" = SnapKV with max pooling
     m.max_pool = name == "snapkv-max";
@@ -158,9 +159,9 @@ PYBIND11_MODULE(_native, m) {
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
                 const std::string & merge, float lambda, float cap_v, float cap_k, int steps, bool update_k,
                 float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
-                float alpha, float mix_lambda, float sim_threshold, py::object history) {
+                float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor) {
                  CompressRequest req;
-                 req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold);
+                 req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold, protect_divisor);
                  if (!history.is_none()) {  // [L][n_head_kv][n_cells]
                      auto h = history.cast<carray<float>>();
                      if (h.ndim() != 3) throw Error("history must be [n_layer, n_head_kv, n_cells]");
@@ -216,7 +217,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
              py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
              py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
-             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none())
+             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4)
         ;
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
@@ -246,6 +247,7 @@ PYBIND11_MODULE(_native, m) {
               if (method == "snapkv" || method == "snapkv-max") sc = score_snapkv(in, kernel, method == "snapkv-max");
               else if (method == "knorm") sc = score_knorm(in);
               else if (method == "streaming") sc = score_streaming(in, n_sink);
+              else if (method == "laser") sc = score_laser(in, n_sink, kernel);  // kernel = n_local here
               else if (method == "gkv") {
                   carray<float> h;
                   if (!hist.is_none()) {

@@ -42,8 +42,10 @@ class GraphCapture:
         self._native.set_targets(self._targets)
 
     @contextlib.contextmanager
-    def enabled(self):
-        self._native.clear()
+    def enabled(self, clear: bool = True):
+        """Capture while inside; `clear=False` appends to the rows kept so far."""
+        if clear:
+            self._native.clear()
         self._native.enable(True)
         try:
             yield self

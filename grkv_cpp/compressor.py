@@ -93,11 +93,14 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
 
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
                    shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
-                   captured: list | None = None) -> CompressResult:
+                   captured: list | None = None, history: np.ndarray | None = None) -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
     restored to its state before the call and CompressionError is raised.
     `captured` (per cache layer: query rows [n, n_head, head_dim] and their
-    positions) replaces reading `capture`, e.g. to compress one prefill many ways."""
+    positions) replaces reading `capture`, e.g. to compress one prefill many ways.
+    `history`: G-KV's global scores of the cells [n_layer, n_head_kv, n_cells]
+    from the previous compression (0 for cells added since); the kept cells'
+    new global scores come back in merge_report["global"]."""
     t0 = time.perf_counter()
     blob = kvstate.get_blob(ctx)
     state = kvstate.parse(blob)
@@ -136,7 +139,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
                                           queries=queries, budget=B, shared=shared, label_end=label_end,
                                           surrogate=surrogate, window_start=window_start, n_threads=threads,
-                                          **method.native_args(), **margs)
+                                          history=history, **method.native_args(), **margs)
             new_blob = state.serialize()
         except NativeError as e:
             raise CompressionError(str(e)) from e

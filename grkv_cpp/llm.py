@@ -13,13 +13,22 @@ import llama_cpp.llama_cpp as L
 
 from . import kvstate
 from .capture import QUERIES, GraphCapture
-from .compressor import capture_positions, compress_cache, observation_window
+from .compressor import capture_positions, captured_queries, compress_cache, observation_window
 from .errors import GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .methods import Method, parse_method
 from .prompt import build_format
 from .stats import Stats
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+    budget: int
+    every: int
+    method: Method
+    merge: object
+    window: int
 
 
 class CompressedLlama:
@@ -48,7 +57,13 @@ class CompressedLlama:
         self.stats = Stats()
         self._context_len = 0        # tokens of the compressed context (its next position)
         self._cells = 0              # cells the compressed context occupies
+        self._live = 0               # cells the sequence occupies now (context + question/answer)
         self._format = None
+        self._decode: DecodePolicy | None = None
+        self._decode_since = 0       # tokens generated since the last decode-time compression
+        self._gkv_hist = None        # G-KV history: kept cells' global scores [L, Hkv, cells]
+        self.budget_trace: list[int] = []  # budgeted prefill: cells after each chunk
+        self.decode_trace: list[int] = []  # decode-time compression: cells before each one
 
     @classmethod
     def for_budget(cls, model_path: str | os.PathLike, *, budget: int, chunk: int = 512, headroom: int = 256,
@@ -100,10 +115,15 @@ class CompressedLlama:
             llm._batch.set_batch(batch=piece, n_past=llm.n_tokens, logits_all=False)
             llm._ctx.decode(llm._batch)
             llm.n_tokens += len(piece)
+            self._live += len(piece)
 
     def _reset(self):
         self.llm.reset()
         kvstate.remove_from(self.ctx, 0)
+        self._live = 0
+        self._decode_since = 0
+        self._gkv_hist = None
+        self.decode_trace = []
 
     def _check_room(self, n: int):
         if n > self.n_ctx:
@@ -161,6 +181,7 @@ class CompressedLlama:
         t1 = time.perf_counter()
         res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                              capture=self.capture, n_threads=self.n_threads)
+        self._live = res.cells_after
         t2 = time.perf_counter()
         if question is not None:
             self._eval(tokens[-1:])
@@ -177,12 +198,16 @@ class CompressedLlama:
         return self.stats
 
     def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
-                          shared: bool = False, **params) -> Stats:
+                          shared: bool = False, question: str | None = None, **params) -> Stats:
         """Bounded-memory prefill: feed the context in chunks of `chunk` tokens
         and compress the cache back to `budget` cells after each chunk, so a
         context many times n_ctx runs in a cache of budget + chunk cells.
         Each chunk's last window scores the cache (compressed past + chunk);
-        a GRKV merge fits to attention over that same cache."""
+        a GRKV merge fits to attention over that same cache.
+        `question`: score with the question's queries instead (query-aware,
+        as LASER-KV): after each chunk the question is evaluated right after
+        it, its queries captured and its cells removed again. `method="laser"`
+        selects LASER-KV's anchors + local window + global memory."""
         m, merge = parse_method(method, **params)
         if merge is not None and getattr(merge, "query_mode", "window") != "window":
             raise GrkvError("budgeted prefill supports GRKV's window queries only")
@@ -197,11 +222,25 @@ class CompressedLlama:
         n_compress = 0
         cells = 0
         self.budget_trace = []  # cells held after each chunk (after its compression)
+        q_tokens = self._question_tokens(question) if question is not None else None
+        if q_tokens is not None:
+            self._check_room(budget + chunk + len(q_tokens) + 1)
         for a in range(0, len(tokens), chunk):
             piece = tokens[a: a + chunk]
             w = min(w_max, len(piece))
             t0 = time.perf_counter()
-            if w:
+            captured = None
+            if q_tokens is not None:
+                self._eval(piece)
+                end = self.llm.n_tokens
+                self.capture.set_targets([(*QUERIES, list(range(end, end + len(q_tokens))))])
+                with self.capture.enabled():
+                    self._eval(q_tokens)
+                captured = captured_queries(self.capture, self.info)
+                kvstate.remove_from(self.ctx, end)  # the question's cells go; its queries stay
+                self.llm.n_tokens = end
+                self._live -= len(q_tokens)
+            elif w:
                 self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
                 self._eval(piece[: len(piece) - w])
                 with self.capture.enabled():
@@ -212,8 +251,8 @@ class CompressedLlama:
             cells += len(piece)
             if cells > budget:
                 res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
-                                     capture=self.capture, n_threads=self.n_threads)
-                cells = res.cells_after
+                                     capture=self.capture, n_threads=self.n_threads, captured=captured)
+                cells = self._live = res.cells_after
                 n_compress += 1
             self.budget_trace.append(cells)
             t_prefill += t1 - t0
@@ -284,6 +323,9 @@ class CompressedLlama:
         out = b""
         emitted = 0
         n = 0
+        policy = self._decode
+        if policy:  # queries of every generated token are kept until the next compression
+            self.capture.set_targets([QUERIES])
         try:
             for n in range(1, max_tokens + 1):
                 tok = self._next_token(temperature, top_p)
@@ -304,11 +346,63 @@ class CompressedLlama:
                     emitted = len(text)
                 if n == max_tokens:
                     break
-                self._check_room(self._cells + self.llm.n_tokens - self._context_len + 1)
-                self._eval([tok])
+                self._check_room(self._live + 1)
+                if policy:
+                    with self.capture.enabled(clear=self._decode_since == 0):
+                        self._eval([tok])
+                    self._decode_since += 1
+                    self._maybe_compress_decode(policy)
+                else:
+                    self._eval([tok])
         finally:
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.generated_tokens += n
+
+    # ------------------------------------------------------ decode-time (G-KV)
+    def decode_compression(self, budget: int | None, *, every: int = 128, method: str | Method = "gkv",
+                           **params):
+        """Re-compress the cache to `budget` cells every `every` generated
+        tokens (G-KV's schedule; None switches it off), so a long generation
+        holds at most budget + every cells. The method scores with the last
+        generated tokens' queries (`gkv`: global score with history, the
+        default; `snapkv`, `knorm`, ... work too); its window is protected."""
+        if budget is None:
+            self._decode = None
+            return
+        m, merge = parse_method(method, **params)
+        w = observation_window(m, merge)
+        if budget < 1 or every < 1:
+            raise GrkvError("decode compression budget and interval must be >= 1 token")
+        if w > budget:
+            raise GrkvError(f"the protected window ({w}) does not fit the budget ({budget})")
+        if merge is not None and getattr(merge, "query_mode", "window") != "window":
+            raise GrkvError("decode-time compression supports GRKV's window queries only")
+        self._decode = DecodePolicy(budget, every, m, merge, w)
+        self._decode_since = 0
+
+    def _maybe_compress_decode(self, p: "DecodePolicy"):
+        # every `every` tokens, or at once (after a full window) when the cache
+        # started above budget + every, as G-KV compresses an oversized prompt
+        due = self._decode_since >= p.every or (self._live >= p.budget + p.every and self._decode_since >= p.window)
+        if not due or self._live <= p.budget:
+            return
+        layers = [(q[-p.window:], pos[-p.window:]) for q, pos in captured_queries(self.capture, self.info)]
+        hist = None
+        if p.method.name == "gkv" and self._gkv_hist is not None:
+            old = self._gkv_hist
+            if old.shape[2] <= self._live:  # tokens decoded since have no history yet
+                hist = np.zeros((*old.shape[:2], self._live), np.float32)
+                hist[:, :, : old.shape[2]] = old
+        t0 = time.perf_counter()
+        res = compress_cache(self.ctx, self.info, p.method, merge=p.merge, budget=p.budget, captured=layers,
+                             n_threads=self.n_threads, history=hist)
+        self._gkv_hist = res.merge_report.get("global")
+        self._live = res.cells_after
+        self._decode_since = 0
+        self.capture.clear()
+        self.stats.decode_compressions += 1
+        self.stats.decode_compress_s += time.perf_counter() - t0
+        self.decode_trace.append(res.cells_before)
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False, ignore_eos: bool = False):
@@ -318,7 +412,11 @@ class CompressedLlama:
         if self._context_len == 0:
             raise GrkvError("call compress() or prefill() with a context first")
         q = self._question_tokens(question, answer_prefix)
-        self._check_room(self._cells + len(q) + max_tokens)
+        if self._decode is None:
+            self._check_room(self._cells + len(q) + max_tokens)
+        else:  # decode-time compression rewrites the context's cells: keep them to restore
+            self._check_room(self._cells + len(q) + min(max_tokens, self._decode.every))
+            saved = (kvstate.get_blob(self.ctx), self._gkv_hist)
         self.stats.question_tokens = len(q)
         self.stats.question_s = self.stats.decode_s = 0.0
         self.stats.generated_tokens = 0
@@ -331,8 +429,15 @@ class CompressedLlama:
                 yield from self.generate(max_tokens, temperature=temperature, top_p=top_p, stop=stop,
                                          ignore_eos=ignore_eos)
             finally:
-                kvstate.remove_from(self.ctx, self._context_len)
+                if self._decode is None:
+                    kvstate.remove_from(self.ctx, self._context_len)
+                elif not kvstate.set_blob(self.ctx, saved[0]):
+                    raise GrkvError("could not restore the context's cache after the answer")
+                else:
+                    self._gkv_hist = saved[1]
                 self.llm.n_tokens = self._context_len
+                self._live = self._cells
+                self._decode_since = 0
 
         return run() if stream else "".join(run()).strip()
 

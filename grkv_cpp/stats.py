@@ -20,6 +20,8 @@ class Stats:
     decode_s: float = 0.0     # generating the answer (tokens/s = generated_tokens / decode_s)
     generated_tokens: int = 0
     compressions: int = 0  # budgeted prefill: how many times the cache was compressed
+    decode_compressions: int = 0   # decode-time compressions (G-KV schedule) so far
+    decode_compress_s: float = 0.0
     kv_buffer_bytes: int = 0   # K/V buffers llama.cpp allocated for the context (sized by n_ctx)
     kv_footprint: float = 0.0  # "Cache Me If You Can" footprint of the prefill (grkv_cpp.footprint)
     kv_peak: float = 0.0       # and its KV peak, as fractions of the full cache

@@ -104,3 +104,26 @@ def attention(q, k, v, scale, causal_offset=None):
         i = torch.arange(n)[:, None]
         logits = logits.masked_fill(j > causal_offset + i, float("-inf"))
     return torch.softmax(logits, dim=-1) @ v
+
+
+def laser_scores(k, pos, q, qpos, n_head, scale):
+    """LASER-KV exact ranking for one layer: softmax attention of the scoring
+    queries summed over queries and each KV head's group -> [Hkv, T]."""
+    k, q = _t(k), _t(q)
+    pos, qpos = torch.as_tensor(pos), torch.as_tensor(qpos)
+    T, Hkv, d = k.shape
+    G = n_head // Hkv
+    logits = torch.einsum("whd,thd->hwt", q, k.repeat_interleave(G, dim=1)) * scale
+    logits = logits.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=1).view(Hkv, G, T).sum(dim=1)
+
+
+def laser_select(layer_scores, budget, divisor=4):
+    """Anchors (first B/n) + local (last B/n) + top global by the layer-and-head sum."""
+    total = sum(s.sum(dim=0) for s in layer_scores)
+    T = len(total)
+    n = budget // divisor
+    keep = set(range(min(n, T))) | set(range(T - n, T)) | {T - 1}
+    rest = [int(i) for i in torch.argsort(total, descending=True, stable=True) if int(i) not in keep]
+    keep |= set(rest[: budget - len(keep)])
+    return sorted(keep)

@@ -55,3 +55,42 @@ def test_memory_stats(tiny_gguf):
     assert (full.kv_footprint, full.kv_peak) == (1.0, 1.0)
     post = m.compress(CONTEXT[:600], method="knorm", ratio=0.5)
     assert post.kv_peak == 1.0  # post-fill eviction: the whole prompt was cached first
+
+
+def test_laser_budget_split_matches_reference(tiny_gguf):
+    """One compression of a filled cache with method="laser": the kept set is
+    shared by all layers and equals the reference anchors + local + global."""
+    import numpy as np
+    import reference as ref
+
+    from grkv_cpp.compressor import captured_queries, compress_cache
+    from grkv_cpp.methods import LaserKV
+
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    toks = m._tokens_for(CONTEXT[:500])
+    m._prefill(toks, capture=32)
+    layers = captured_queries(m.capture, m.info)
+    state = kvstate.parse(kvstate.get_blob(m.ctx))
+    pos = state.positions(0)
+    per_layer = []
+    for il, (q, qp) in enumerate(layers):
+        k = state.keys(0, il).reshape(len(pos), m.info.n_head_kv, m.info.head_dim)
+        per_layer.append(ref.laser_scores(k, pos, q, qp, m.info.n_head, m.info.attn_scale))
+    budget = 120
+    want = np.asarray(pos)[ref.laser_select(per_layer, budget)]
+    res = compress_cache(m.ctx, m.info, LaserKV(), budget=budget, captured=layers)
+    assert res.keep.shape == (m.info.n_layer, m.info.n_head_kv, budget)
+    assert (res.keep == res.keep[0, 0]).all()  # one set for all layers and heads
+    got = kvstate.parse(kvstate.get_blob(m.ctx)).positions(0)
+    assert list(got) == list(want)  # original positions kept
+    assert set(range(30)) <= set(got) and set(range(len(pos) - 30, len(pos))) <= set(got)
+
+
+@pytest.mark.parametrize("method", ["laser", "snapkv"])
+def test_query_aware_budgeted_prefill(tiny_gguf, method):
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    st = m.compress_budgeted(CONTEXT, budget=200, chunk=128, method=method, question="abc def")
+    assert max(m.budget_trace) <= 200 and m.budget_trace[-1] == 200
+    assert kvstate.pos_range(m.ctx)[1] == st.context_tokens - 1  # the question's cells are gone
+    assert kvstate.parse(kvstate.get_blob(m.ctx)).part_info(0)["n_cells"] == 200
+    m.ask("abc def", max_tokens=3)

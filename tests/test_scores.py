@@ -121,3 +121,11 @@ def test_gkv_history_decays():
     assert (g[:, 3] >= 0.8 - 1e-6).all()  # max(0.8 * 1, local) keeps it high
     _, _, g0 = _native.score_layer("gkv", k, pos, q, qpos, n_head=H, scale=0.25)
     assert (g0 <= 1 + 1e-6).all() and np.isclose(g0.max(axis=1), 1).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_laser_matches_reference(seed):
+    k, q, pos, qpos, H = random_layer(seed, T=80)
+    s, prot = _native.score_layer("laser", k, pos, q, qpos, n_head=H, scale=0.25, n_sink=5, kernel=7)
+    np.testing.assert_allclose(s, ref.laser_scores(k, pos, q, qpos, H, 0.25).numpy(), rtol=2e-5, atol=1e-6)
+    assert prot.astype(bool).tolist() == [t < 5 or t >= 73 for t in range(80)]

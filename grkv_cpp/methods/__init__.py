@@ -4,10 +4,11 @@ itself runs in the native core (native/src/score/<name>.cpp)."""
 from .base import Method
 from .gkv import GKV
 from .knorm import KNorm
+from .laser import LaserKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
-REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM, "gkv": GKV}
+REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM, "gkv": GKV, "laser": LaserKV}
 
 
 def parse_method(spec, **params):
@@ -38,4 +39,4 @@ def parse_method(spec, **params):
     return method, merge
 
 
-__all__ = ["Method", "GKV", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]
+__all__ = ["Method", "GKV", "LaserKV", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]

@@ -28,15 +28,15 @@ void parallel_for(int n, int n_threads, F f) {
 
 }  // namespace
 
-bool method_needs_queries(const std::string & name) { return name == "snapkv" || name == "gkv"; }
+bool method_needs_queries(const std::string & name) { return name == "snapkv" || name == "gkv" || name == "laser"; }
 
 std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m, const ModelShape & shape,
                                  const std::vector<LayerQueries> & queries, int n_threads,
                                  const std::vector<std::vector<float>> * history,
                                  std::vector<std::vector<float>> * global) {
     const int L = (int) view.s->k.size();
-    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming" && m.name != "gkv") {
-        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming, gkv)");
+    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming" && m.name != "gkv" && m.name != "laser") {
+        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming, gkv, laser)");
     }
     const int T = view.n_tokens();
     if (history && !history->empty()) {
@@ -78,7 +78,8 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
         else if (m.name == "gkv") {
             const float * h = history && !history->empty() ? (*history)[l].data() : nullptr;
             out[l] = score_gkv(in, h, m.gkv, global ? &(*global)[l] : nullptr);
-        } else if (m.name == "knorm") out[l] = score_knorm(in);
+        } else if (m.name == "laser") out[l] = score_laser(in, m.n_sink, m.n_local);
+        else if (m.name == "knorm") out[l] = score_knorm(in);
         else out[l] = score_streaming(in, m.n_sink);
     });
     return out;

@@ -75,4 +75,19 @@ std::vector<int32_t> select_shared(const std::vector<Scores> & layers, int budge
     return top_b(mean_rank.data(), prot, T, budget);
 }
 
+std::vector<int32_t> select_shared_sum(const std::vector<Scores> & layers, int budget) {
+    if (layers.empty()) throw Error("no layers to select from");
+    const int T = layers[0].T;
+    std::vector<uint8_t> prot(T, 0);
+    std::vector<double> sum(T, 0.0);
+    for (const auto & sc : layers) {
+        if (sc.T != T) throw Error("layers disagree on the number of tokens");
+        for (int t = 0; t < T; ++t) prot[t] |= sc.protect[t];
+        for (size_t i = 0; i < sc.s.size(); ++i) sum[i % T] += sc.s[i];
+    }
+    std::vector<float> s(sum.begin(), sum.end());
+    check_budget(budget, T, (int) std::count(prot.begin(), prot.end(), 1));
+    return top_b(s.data(), prot, T, budget);
+}
+
 }  // namespace grkv

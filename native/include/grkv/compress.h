@@ -16,6 +16,8 @@ struct MethodParams {
     bool max_pool = false;         // SnapKV pooling: average (kvpress) or max
     int n_sink = 4;                // StreamingLLM sinks
     GkvParams gkv;                 // G-KV
+    int protect_divisor = 4;       // LASER-KV: budget/n sinks and budget/n local tokens
+    int n_local = 0;               // LASER-KV: set from the budget by compress_stream
 };
 
 struct LayerQueries {

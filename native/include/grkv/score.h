@@ -40,6 +40,10 @@ struct GkvParams {
 // The window is protected. `global` receives g ([n_head_kv][T], 0 in the
 // window): the history of the next compression.
 Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p, std::vector<float> * global);
+// LASER-KV "exact": attention of the scoring queries, summed over queries and
+// each KV head's query group; the first n_sink and last n_local tokens are
+// protected. Selection sums over layers and heads (select_shared_sum).
+Scores score_laser(const LayerInput & in, int n_sink, int n_local);
 // KNorm: keys with a low L2 norm are kept (score = -||k||).
 Scores score_knorm(const LayerInput & in);
 // StreamingLLM: the first n_sink tokens are protected, the rest ranked by recency.

@@ -15,4 +15,8 @@ std::vector<int32_t> select_per_head(const Scores & sc, int budget);
 // per-(layer, head) rank, protected tokens first. Returns `budget` ascending indices.
 std::vector<int32_t> select_shared(const std::vector<Scores> & layers, int budget);
 
+// One token set ranked by the scores summed over layers and heads (LASER-KV's
+// exact ranking), protected tokens first. `budget` ascending indices.
+std::vector<int32_t> select_shared_sum(const std::vector<Scores> & layers, int budget);
+
 }  // namespace grkv

@@ -190,8 +190,14 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
     const int L = (int) st.k.size();
     const int Hkv = req.shape.n_head_kv;
     std::vector<std::vector<float>> glob;
-    std::vector<Scores> sc = score_layers(view, req.method, req.shape, req.queries, req.n_threads, &req.history,
-                                          req.method.name == "gkv" ? &glob : nullptr);
+    MethodParams mp = req.method;
+    const bool laser = mp.name == "laser";
+    if (laser) {  // LASER-KV: B/n anchors, B/n local window, the rest global memory, one set for all layers
+        if (mp.protect_divisor < 2) throw Error("LASER-KV protection divisor must be >= 2");
+        mp.n_sink = mp.n_local = req.budget / mp.protect_divisor;
+    }
+    std::vector<Scores> sc = score_layers(view, mp, req.shape, req.queries, req.n_threads, &req.history,
+                                          mp.name == "gkv" ? &glob : nullptr);
     // G-KV: the kept tokens' global scores, slot order (keep is ascending per head)
     auto gather_global = [&]() {
         if (glob.empty()) return;
@@ -202,11 +208,11 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
             out.global[i] = glob[l][h * T + out.keep[i]];
         }
     };
-    if (req.shared) {
+    if (req.shared || laser) {
         // shared sets keep original positions, and llama.cpp continues at the
         // last stored position + 1: the last token must stay
         for (auto & x : sc) x.protect.back() = 1;
-        const std::vector<int32_t> one = select_shared(sc, req.budget);
+        const std::vector<int32_t> one = laser ? select_shared_sum(sc, req.budget) : select_shared(sc, req.budget);
         if (req.merge.name == "none") {
             Stream ns = compact_shared(view, one);
             out.keep.reserve((size_t) L * Hkv * req.budget);
