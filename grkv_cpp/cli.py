@@ -117,6 +117,14 @@ def demo(model, kv_ratio, threads):
 @click.option("--lam", type=float, default=0.01, show_default=True, help="GRKV ridge strength.")
 @click.option("--steps", type=int, default=1, show_default=True, help="GRKV steps.")
 @click.option("--guard", type=float, default=0.1, show_default=True, help="GRKV anchor fraction kept fixed.")
+@click.option("--protect-divisor", type=int, default=4, show_default=True,
+              help="laser: budget/n anchor tokens and budget/n local tokens.")
+@click.option("--decode-budget", type=int, default=None,
+              help="Re-compress to this many cells while generating (G-KV schedule).")
+@click.option("--decode-every", type=int, default=128, show_default=True,
+              help="With --decode-budget: compress every this many generated tokens.")
+@click.option("--decode-method", default="gkv", show_default=True, callback=_check_method,
+              help="With --decode-budget: the method scoring with the latest tokens' queries.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--flash-attn", is_flag=True)
@@ -124,14 +132,15 @@ def demo(model, kv_ratio, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
-        query_mode, lam, steps, guard, max_tokens, n_ctx, flash_attn, threads, as_json, verbose):
+        query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
+        flash_attn, threads, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
     if query_aware and len(questions) != 1:
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
-    if chunk is not None and (kv_budget is None or query_aware or method == "full"):
-        raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a query-agnostic method")
+    if chunk is not None and (kv_budget is None or method == "full"):
+        raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a method")
     context = context_file.read()
     kw = {}
     if chunk is not None:
@@ -139,11 +148,19 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
         kw["swa_full"] = False  # an iSWA model's window cache sized for the window, not n_ctx
     m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose, **kw)
     evict, _, merge = method.partition("+")
-    params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink}}.get(evict, {})
+    params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink},
+              "laser": {"window_size": window, "protect_divisor": protect_divisor}}.get(evict, {})
     if merge == "grkv":
         params.update(query_mode=query_mode, lam=lam, steps=steps, guard=guard)
     results = []
-    if query_aware:
+    if decode_budget is not None:
+        m.decode_compression(decode_budget, every=decode_every, method=decode_method)
+    if query_aware and chunk is not None:  # budgeted, each chunk scored by the question's queries
+        m.compress_budgeted(context, budget=kv_budget, chunk=chunk, method=method, shared=shared,
+                            question=questions[0], **params)
+        ans = m.ask(questions[0], max_tokens=max_tokens)
+        results.append({"question": questions[0], "answer": ans, "stats": m.stats.to_dict()})
+    elif query_aware:
         ans = m.answer_query_aware(context, questions[0], method=method, ratio=kv_ratio, budget=kv_budget,
                                    shared=shared, max_tokens=max_tokens, **params)
         results.append({"question": questions[0], "answer": ans, "stats": m.stats.to_dict()})

@@ -46,7 +46,9 @@ def run_one(spec: dict) -> dict:
         else:
             m = CompressedLlama.for_budget(path, budget=budget, chunk=chunk, headroom=128,
                                            n_threads=spec["threads"])
-    st = m.prefill(ctx) if method == "full" else m.compress_budgeted(ctx, budget=budget, chunk=chunk, method=method)
+    kw = {"kernel": spec["kernel"]} if method.startswith("snapkv") else {}
+    st = m.prefill(ctx) if method == "full" else m.compress_budgeted(ctx, budget=budget, chunk=chunk, method=method,
+                                                                       **kw)
     row = dict(spec, tokens=st.context_tokens, n_ctx=m.n_ctx, kv_cells=st.kv_cells_after,
                kv_buffer_bytes=st.kv_buffer_bytes, kv_footprint=st.kv_footprint, kv_peak=st.kv_peak,
                compressions=st.compressions, prefill_s=st.prefill_s, compress_s=st.compress_s,
@@ -85,7 +87,10 @@ def main():
     ap.add_argument("--configs", default="full,snapkv:512,snapkv:1024,snapkv+grkv:512,snapkv+grkv:1024",
                     help="method[:budget] ('full' = whole prompt in the cache)")
     ap.add_argument("--depths", type=int, default=10, help="pass-key depths, evenly spread")
+    ap.add_argument("--depth-order", help="run these of the evenly spread depths first, e.g. 0.05,0.95,0.45")
     ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--kernel", type=int, default=15,
+                    help="SnapKV pooling kernel (kvpress's 5 loses the key's digits on Gemma-3 270M)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, help="print the table of an earlier run and exit")
@@ -100,6 +105,9 @@ def main():
     rows = json.loads(a.out.read_text()) if a.out and a.out.exists() else []
     done = {(r["length"], r["config"], r["depth"]) for r in rows}
     depths = [round((i + 0.5) / a.depths, 3) for i in range(a.depths)]
+    if a.depth_order:  # a short session gets the most telling depths first
+        first = [float(x) for x in a.depth_order.split(",")]
+        depths = [d for d in first if d in depths] + [d for d in depths if d not in first]
     for depth in depths:
         for n in map(int, a.lengths.split(",")):
             for cfg in a.configs.split(","):
@@ -107,7 +115,7 @@ def main():
                     continue
                 method, _, b = cfg.partition(":")
                 spec = dict(model=a.model, length=n, config=cfg, method=method, budget=int(b) if b else None,
-                            chunk=a.chunk, depth=depth, threads=a.threads)
+                            chunk=a.chunk, depth=depth, threads=a.threads, kernel=a.kernel)
                 p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
                                    text=True)
                 line = [s for s in p.stdout.splitlines() if s.startswith("ROW ")]
