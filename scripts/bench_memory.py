@@ -62,22 +62,29 @@ def run_one(spec: dict) -> dict:
     return row
 
 
-def report(rows: list[dict]):
+def report(rows: list[dict], speed_depths: list[float] | None = None):
+    """Speed columns use only the rows at `speed_depths` when given (passes
+    run on an otherwise idle machine); memory and accuracy use every row."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["length"], r["config"])].append(r)
+
+    def timed(g):
+        sel = [r for r in g if speed_depths is None or r["depth"] in speed_depths]
+        return sel or g
+
     full_buf = {r["length"]: r["kv_buffer_bytes"] for r in rows if r["method"] == "full"}
-    full_tps = {n: median(r["prefill_tok_s"] for r in g) for (n, c), g in groups.items() if c == "full"}
+    full_tps = {n: median(r["prefill_tok_s"] for r in timed(g)) for (n, c), g in groups.items() if c == "full"}
     print(f"{'length':>6} {'config':18} {'tokens':>6} {'KV buf MiB':>10} {'% full':>6} {'RSS MiB':>7} "
           f"{'footpr':>6} {'peak':>5} {'prefill t/s':>11} {'x full':>6} {'decode t/s':>10} {'passkey':>7}")
     for (n, c), g in sorted(groups.items(), key=lambda x: (x[0][0], x[1][0]["config"] != "full", x[0][1])):
         buf = g[0]["kv_buffer_bytes"]
-        tps = median(r["prefill_tok_s"] for r in g)
+        tps = median(r["prefill_tok_s"] for r in timed(g))
         print(f"{n:>6} {c:18} {g[0]['tokens']:>6} {buf / 2**20:>10.1f} "
               f"{100 * buf / full_buf[n] if n in full_buf else float('nan'):>6.1f} "
               f"{median(r['peak_rss_bytes'] for r in g) / 2**20:>7.0f} {g[0]['kv_footprint']:>6.3f} "
               f"{g[0]['kv_peak']:>5.3f} {tps:>11.1f} {tps / full_tps[n] if n in full_tps else float('nan'):>6.2f} "
-              f"{median(r['decode_tok_s'] for r in g):>10.1f} {sum(r['correct'] for r in g):>4}/{len(g):<2}")
+              f"{median(r['decode_tok_s'] for r in timed(g)):>10.1f} {sum(r['correct'] for r in g):>4}/{len(g):<2}")
 
 
 def main():
@@ -94,13 +101,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, help="print the table of an earlier run and exit")
+    ap.add_argument("--speed-depths", help="with --report: speed medians from these depths' rows only")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print("ROW " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
     if a.report:
-        report(json.loads(a.report.read_text()))
+        sd = [float(x) for x in a.speed_depths.split(",")] if a.speed_depths else None
+        report(json.loads(a.report.read_text()), sd)
         return
     rows = json.loads(a.out.read_text()) if a.out and a.out.exists() else []
     done = {(r["length"], r["config"], r["depth"]) for r in rows}
