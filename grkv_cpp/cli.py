@@ -218,6 +218,7 @@ def _ints(ctx, param, value):
 @click.option("--mode", type=click.Choice(["agnostic", "aware"]), default="agnostic", show_default=True,
               help="agnostic: compress the context alone, then ask (kvpress); aware: question in the window.")
 @click.option("--kernel", type=int, default=None, help="SnapKV pooling kernel (default: kvpress's 5).")
+@click.option("--window", type=int, default=None, help="SnapKV observation window (default 32; kvpress 0.5.5 uses 64).")
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads.")
 @click.option("--chunk", type=int, default=512, show_default=True, help="@budget variants: prefill chunk.")
 @click.option("--limit", type=int, default=None, help="Only the first N context groups.")
@@ -225,8 +226,8 @@ def _ints(ctx, param, value):
 @click.option("--threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
-def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, shared, chunk, limit, n_ctx,
-             threads, out_dir):
+def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
+             n_ctx, threads, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
@@ -262,11 +263,14 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
         rows = keep
     params = {}
     if kernel is not None:
-        params["snapkv"] = {"kernel": kernel}
+        params.setdefault("snapkv", {})["kernel"] = kernel
+    if window is not None:
+        params.setdefault("snapkv", {})["window_size"] = window
     if shared:
         for m in methods.split(","):
             params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
-    cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params)
+    cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
+                     window=max(64, window or 0))
     m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads)
     results = run_eval(m, rows, cfg, out / "results.jsonl", model_name=Path(path).stem)
     summary = write_all(results, out)
