@@ -453,14 +453,7 @@ class CompressedLlama:
                     emitted = len(text)
                 if n == max_tokens:
                     break
-                self._check_room(self._live + 1)
-                if policy:
-                    with self.capture.enabled(clear=self._decode_since == 0):
-                        self._eval([tok])
-                    self._decode_since += 1
-                    self._maybe_compress_decode(policy)
-                else:
-                    self._eval([tok])
+                self._step(tok)
         finally:
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.generated_tokens += n
@@ -517,23 +510,28 @@ class CompressedLlama:
         decode-time compression runs on its schedule). The tokens stay in
         the cache. Float64, one value per token."""
         out = np.empty(len(tokens))
-        policy = self._decode
-        if policy:
+        if self._decode:
             self.capture.set_targets([QUERIES])
         for i, tok in enumerate(tokens):
             z = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.llm.n_vocab(),))
             z = z.astype(np.float64)
             m = z.max()
             out[i] = z[tok] - m - np.log(np.exp(z - m).sum())
-            self._check_room(self._live + 1)
-            if policy:
-                with self.capture.enabled(clear=self._decode_since == 0):
-                    self._eval([tok])
-                self._decode_since += 1
-                self._maybe_compress_decode(policy)
-            else:
-                self._eval([tok])
+            self._step(tok)
         return out
+
+    def _step(self, tok: int):
+        """Decode one generated token; with decode compression on, capture its
+        queries and compress when the schedule says so."""
+        self._check_room(self._live + 1)
+        policy = self._decode
+        if policy is None:
+            self._eval([tok])
+            return
+        with self.capture.enabled(clear=self._decode_since == 0):
+            self._eval([tok])
+        self._decode_since += 1
+        self._maybe_compress_decode(policy)
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False, ignore_eos: bool = False):

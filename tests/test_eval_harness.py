@@ -112,3 +112,25 @@ def test_query_aware_mode_and_bad_input(tiny, tmp_path):
     with pytest.raises(ValueError, match="kept ratios"):
         EvalConfig(methods=["knorm"], ratios=[1.5])
     json.dumps(res)  # rows are plain JSON
+
+
+def test_cli_eval_resumes_and_writes_outputs(tiny_gguf, tmp_path):
+    from click.testing import CliRunner
+
+    from grkv_cpp.cli import main
+    from grkv_cpp.eval.ruler import write_jsonl
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(dataset(2, 1), data)
+    args = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--methods", "full,knorm,snapkv",
+            "--ratios", "0.5", "--window", "16", "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    first = (tmp_path / "o" / "summary.csv").read_text()
+    assert len(load_results(tmp_path / "o" / "results.jsonl")) == 2 * 3
+    r = CliRunner().invoke(main, args)  # a rerun finds everything done and asks nothing again
+    assert r.exit_code == 0, r.output
+    assert len(load_results(tmp_path / "o" / "results.jsonl")) == 6
+    assert (tmp_path / "o" / "summary.csv").read_text() == first
+    r = CliRunner().invoke(main, ["eval", "--model", str(tiny_gguf), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--data" in r.output

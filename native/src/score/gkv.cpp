@@ -7,6 +7,7 @@
 
 #include "grkv/common.h"
 #include "grkv/score.h"
+#include "window_attention.h"
 
 namespace grkv {
 namespace {
@@ -55,7 +56,7 @@ Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p,
     if (p.alpha < 0.0f || p.alpha > 1.0f || p.mix_lambda < 0.0f || p.mix_lambda > 1.0f) {
         throw Error("G-KV alpha and lambda must lie in [0, 1]");
     }
-    const int T = in.T, d = in.head_dim, G = in.n_head / in.n_head_kv;
+    const int T = in.T, G = in.n_head / in.n_head_kv;
     const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
     int prefix = 0;  // tokens before the window: the candidates
     while (prefix < T && in.pos[prefix] < qpos_min) ++prefix;
@@ -76,27 +77,8 @@ Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p,
             std::fill(grp.begin(), grp.end(), 0.0f);
             int n_vis = 0;
             for (int g = 0; g < G; ++g) {
-                const float * q = in.q + ((size_t) j * in.n_head + hk * G + g) * d;
-                float mx = -std::numeric_limits<float>::infinity();
-                n_vis = 0;
-                for (int t = 0; t < T; ++t) {
-                    if (in.pos[t] > in.qpos[j]) break;  // causal inside the window
-                    const float * k = in.k + ((size_t) t * in.n_head_kv + hk) * d;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int e = 0; e < d; ++e) dot += q[e] * k[e];
-                    logits[t] = dot * in.scale;
-                    mx = std::max(mx, logits[t]);
-                    n_vis = t + 1;
-                }
-                float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-                for (int t = 0; t < n_vis; ++t) {
-                    logits[t] = std::exp(logits[t] - mx);
-                    z += logits[t];
-                }
-                const float inv = 1.0f / z;
-                for (int t = 0; t < n_vis; ++t) grp[t] = std::max(grp[t], logits[t] * inv);
+                n_vis = window_softmax(in, j, hk * G + g, hk, logits.data());
+                for (int t = 0; t < n_vis; ++t) grp[t] = std::max(grp[t], logits[t]);
             }
             for (int t = 0; t < n_vis; ++t) loc[t] += grp[t] / (float) in.w;
         }

@@ -8,6 +8,7 @@
 
 #include "grkv/common.h"
 #include "grkv/score.h"
+#include "window_attention.h"
 
 namespace grkv {
 
@@ -15,7 +16,7 @@ Scores score_laser(const LayerInput & in, int n_sink, int n_local) {
     if (!in.q || in.w <= 0) throw Error("LASER-KV needs the scoring queries (none were captured)");
     if (in.n_head % in.n_head_kv) throw Error("n_head must be a multiple of n_head_kv");
     if (n_sink < 0 || n_local < 0) throw Error("LASER-KV sink and local sizes must be >= 0");
-    const int T = in.T, d = in.head_dim, G = in.n_head / in.n_head_kv;
+    const int T = in.T, G = in.n_head / in.n_head_kv;
     Scores sc;
     sc.n_head_kv = in.n_head_kv;
     sc.T = T;
@@ -28,27 +29,8 @@ Scores score_laser(const LayerInput & in, int n_sink, int n_local) {
         const int hk = hq / G;
         float * out = sc.s.data() + (size_t) hk * T;
         for (int j = 0; j < in.w; ++j) {
-            const float * q = in.q + ((size_t) j * in.n_head + hq) * d;
-            float mx = -std::numeric_limits<float>::infinity();
-            int n_vis = 0;
-            for (int t = 0; t < T; ++t) {
-                if (in.pos[t] > in.qpos[j]) break;  // causal
-                const float * k = in.k + ((size_t) t * in.n_head_kv + hk) * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int e = 0; e < d; ++e) dot += q[e] * k[e];
-                logits[t] = dot * in.scale;
-                mx = std::max(mx, logits[t]);
-                n_vis = t + 1;
-            }
-            float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-            for (int t = 0; t < n_vis; ++t) {
-                logits[t] = std::exp(logits[t] - mx);
-                z += logits[t];
-            }
-            const float inv = 1.0f / z;
-            for (int t = 0; t < n_vis; ++t) out[t] += logits[t] * inv;
+            const int n_vis = window_softmax(in, j, hq, hk, logits.data());
+            for (int t = 0; t < n_vis; ++t) out[t] += logits[t];
         }
     }
     return sc;

@@ -5,6 +5,7 @@
 
 #include "grkv/common.h"
 #include "grkv/score.h"
+#include "window_attention.h"
 
 namespace grkv {
 
@@ -12,7 +13,7 @@ Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
     if (!in.q || in.w <= 0) throw Error("SnapKV needs the observation window's queries (none were captured)");
     if (in.n_head % in.n_head_kv) throw Error("n_head must be a multiple of n_head_kv");
     if (kernel < 1 || kernel % 2 == 0) throw Error("SnapKV pooling kernel must be odd and positive");
-    const int T = in.T, d = in.head_dim, G = in.n_head / in.n_head_kv;
+    const int T = in.T, G = in.n_head / in.n_head_kv;
     const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
     // Window = the tokens whose queries were captured (positions >= the first query's).
     int prefix = 0;
@@ -31,27 +32,8 @@ Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
         const int hk = hq / G;
         std::fill(attn_sum.begin(), attn_sum.end(), 0.0f);
         for (int j = 0; j < in.w; ++j) {
-            const float * q = in.q + ((size_t) j * in.n_head + hq) * d;
-            float mx = -std::numeric_limits<float>::infinity();
-            int n_vis = 0;
-            for (int t = 0; t < T; ++t) {
-                if (in.pos[t] > in.qpos[j]) break;  // causal: positions ascend
-                const float * k = in.k + ((size_t) t * in.n_head_kv + hk) * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int e = 0; e < d; ++e) dot += q[e] * k[e];
-                logits[t] = dot * in.scale;
-                mx = std::max(mx, logits[t]);
-                n_vis = t + 1;
-            }
-            float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-            for (int t = 0; t < n_vis; ++t) {
-                logits[t] = std::exp(logits[t] - mx);  // vectorised via libmvec (-fno-math-errno)
-                z += logits[t];
-            }
-            const float inv = 1.0f / z;
-            for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t] * inv;
+            const int n_vis = window_softmax(in, j, hq, hk, logits.data());
+            for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t];
         }
         // mean over window queries, then pool over positions: average with zero
         // padding (count_include_pad, as kvpress) or max (original SnapKV option)
