@@ -57,16 +57,9 @@ Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p,
         throw Error("G-KV alpha and lambda must lie in [0, 1]");
     }
     const int T = in.T, G = in.n_head / in.n_head_kv;
-    const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
-    int prefix = 0;  // tokens before the window: the candidates
-    while (prefix < T && in.pos[prefix] < qpos_min) ++prefix;
-
-    Scores sc;
-    sc.n_head_kv = in.n_head_kv;
-    sc.T = T;
-    sc.s.assign((size_t) in.n_head_kv * T, 0.0f);
-    sc.protect.assign(T, 0);
-    for (int t = prefix; t < T; ++t) sc.protect[t] = 1;
+    // window = the tokens whose queries were captured; the prefix before it are the candidates
+    int prefix = 0;
+    Scores sc = window_protected_scores(in, prefix);
     if (global) global->assign((size_t) in.n_head_kv * T, 0.0f);
 
     std::vector<float> logits(T), grp(T), loc(T), red(std::max(prefix, 1));

@@ -14,17 +14,9 @@ Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
     if (in.n_head % in.n_head_kv) throw Error("n_head must be a multiple of n_head_kv");
     if (kernel < 1 || kernel % 2 == 0) throw Error("SnapKV pooling kernel must be odd and positive");
     const int T = in.T, G = in.n_head / in.n_head_kv;
-    const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
-    // Window = the tokens whose queries were captured (positions >= the first query's).
+    // window = the tokens whose queries were captured; the prefix before it are the candidates
     int prefix = 0;
-    while (prefix < T && in.pos[prefix] < qpos_min) ++prefix;
-
-    Scores sc;
-    sc.n_head_kv = in.n_head_kv;
-    sc.T = T;
-    sc.s.assign((size_t) in.n_head_kv * T, 0.0f);
-    sc.protect.assign(T, 0);
-    for (int t = prefix; t < T; ++t) sc.protect[t] = 1;
+    Scores sc = window_protected_scores(in, prefix);
 
     std::vector<float> attn_sum(T), logits(T);
     std::vector<float> pooled(prefix);

@@ -37,4 +37,19 @@ inline int window_softmax(const LayerInput & in, int j, int hq, int hk, float * 
     return n_vis;
 }
 
+// Zeroed scores whose window (the tokens at or after the first window query's
+// position) is protected; `prefix` receives the number of tokens before it.
+inline Scores window_protected_scores(const LayerInput & in, int & prefix) {
+    const int32_t qpos_min = *std::min_element(in.qpos, in.qpos + in.w);
+    prefix = 0;
+    while (prefix < in.T && in.pos[prefix] < qpos_min) ++prefix;
+    Scores sc;
+    sc.n_head_kv = in.n_head_kv;
+    sc.T = in.T;
+    sc.s.assign((size_t) in.n_head_kv * in.T, 0.0f);
+    sc.protect.assign(in.T, 0);
+    for (int t = prefix; t < in.T; ++t) sc.protect[t] = 1;
+    return sc;
+}
+
 }  // namespace grkv
