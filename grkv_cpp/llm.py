@@ -22,6 +22,17 @@ from .prompt import build_format
 from .stats import Stats
 
 
+def _label(method: Method, merge, shared: bool) -> str:
+    return method.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+
+
+def _require_window_queries(merge, what: str):
+    """GRKV's stratified queries need capture over the whole prefill, which
+    chunked, restored and decode-time compressions do not have."""
+    if merge is not None and getattr(merge, "query_mode", "window") != "window":
+        raise GrkvError(f"{what} supports GRKV's window queries only")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefilledState:
     """A context prefilled once with the full cache: its KV state and the
@@ -36,6 +47,7 @@ class PrefilledState:
     fmt: object
     prefill_s: float
     per_cell: list
+    kv_bytes: int           # K/V bytes the full cache holds (all cache parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +215,7 @@ class CompressedLlama:
             self._eval(tokens[-1:])
         self._context_len = self.llm.n_tokens
         self._cells = res.cells_after + (1 if question is not None else 0)
-        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        label = _label(m, merge, shared)
         self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
                            question_tokens=len(tokens) - n_ctx_tokens,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
@@ -225,8 +237,7 @@ class CompressedLlama:
         it, its queries captured and its cells removed again. `method="laser"`
         selects LASER-KV's anchors + local window + global memory."""
         m, merge = parse_method(method, **params)
-        if merge is not None and getattr(merge, "query_mode", "window") != "window":
-            raise GrkvError("budgeted prefill supports GRKV's window queries only")
+        _require_window_queries(merge, "budgeted prefill")
         if budget < 1 or chunk < 1:
             raise GrkvError("budget and chunk must be >= 1 token")
         tokens = self._tokens_for(context)
@@ -236,7 +247,6 @@ class CompressedLlama:
         w_max = observation_window(m, merge)
         t_prefill = t_compress = 0.0
         n_compress = 0
-        cells = 0
         self.budget_trace = []  # cells held after each chunk (after its compression)
         q_tokens = self._question_tokens(question) if question is not None else None
         if q_tokens is not None:
@@ -264,19 +274,18 @@ class CompressedLlama:
             else:
                 self._eval(piece)
             t1 = time.perf_counter()
-            cells += len(piece)
-            if cells > budget:
+            if self._live > budget:
                 res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
                                      capture=self.capture, n_threads=self.n_threads, captured=captured)
-                cells = self._live = res.cells_after
+                self._live = res.cells_after
                 n_compress += 1
-            self.budget_trace.append(cells)
+            self.budget_trace.append(self._live)
             t_prefill += t1 - t0
             t_compress += time.perf_counter() - t1
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         self._context_len = self.llm.n_tokens
         self._cells = state.part_info(0)["n_cells"]
-        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        label = _label(m, merge, shared)
         self.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
                            kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
                            kv_bytes_before=len(tokens) * state.part_info(0)["bytes_per_cell"],
@@ -318,7 +327,7 @@ class CompressedLlama:
         blob = kvstate.get_blob(self.ctx)
         state = kvstate.parse(blob)
         return PrefilledState(blob, captured, window, len(tokens), state.part_info(0)["n_cells"], self._format, dt,
-                              kvstate.bytes_per_cell(state))
+                              kvstate.bytes_per_cell(state), kvstate.kv_bytes(state))
 
     def restore(self, st: PrefilledState) -> Stats:
         """Put a prefilled state back (the full cache), ready for ask()."""
@@ -330,8 +339,8 @@ class CompressedLlama:
         self._decode_since = 0
         self._gkv_hist = None
         self.stats = Stats(method="full", context_tokens=st.context_tokens, kv_cells_before=st.cells,
-                           kv_cells_after=st.cells, prefill_s=st.prefill_s)
-        self.stats.kv_bytes_before = self.stats.kv_bytes_after = kvstate.kv_bytes(kvstate.parse(st.blob))
+                           kv_cells_after=st.cells, kv_bytes_before=st.kv_bytes, kv_bytes_after=st.kv_bytes,
+                           prefill_s=st.prefill_s)
         self._memory_stats(st.per_cell, simulate(st.context_tokens))
         return self.stats
 
@@ -340,8 +349,7 @@ class CompressedLlama:
         """Restore `st` and compress it (query-agnostic), as `compress` would
         after its own prefill; prefill_s reports the shared prefill's time."""
         m, merge = parse_method(method, **params)
-        if merge is not None and getattr(merge, "query_mode", "window") != "window":
-            raise GrkvError("compress_state supports GRKV's window queries only (stratified needs its own prefill)")
+        _require_window_queries(merge, "compress_state (stratified needs its own prefill)")
         need = observation_window(m, merge)
         if need > st.window:
             raise GrkvError(f"{m.name} needs the last {need} queries; the state kept {st.window}")
@@ -350,7 +358,7 @@ class CompressedLlama:
         res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                              captured=st.captured, n_threads=self.n_threads)
         self._cells = self._live = res.cells_after
-        label = m.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+        label = _label(m, merge, shared)
         self.stats = Stats(method=label, context_tokens=st.context_tokens, merge_report=res.merge_report,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
@@ -475,8 +483,7 @@ class CompressedLlama:
             raise GrkvError("decode compression budget and interval must be >= 1 token")
         if w > budget:
             raise GrkvError(f"the protected window ({w}) does not fit the budget ({budget})")
-        if merge is not None and getattr(merge, "query_mode", "window") != "window":
-            raise GrkvError("decode-time compression supports GRKV's window queries only")
+        _require_window_queries(merge, "decode-time compression")
         self._decode = DecodePolicy(budget, every, m, merge, w)
         self._decode_since = 0
 
