@@ -195,6 +195,16 @@ def _floats(ctx, param, value):
         raise click.BadParameter("a comma-separated list of numbers") from None
 
 
+def _shard(ctx, param, value):
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("I/N, e.g. 0/2") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"I/N needs 0 <= I < N, got {value}")
+    return i, n
+
+
 def _ints(ctx, param, value):
     try:
         return [int(x) for x in value.split(",") if x]
@@ -222,17 +232,19 @@ def _ints(ctx, param, value):
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads.")
 @click.option("--chunk", type=int, default=512, show_default=True, help="@budget variants: prefill chunk.")
 @click.option("--limit", type=int, default=None, help="Only the first N context groups.")
+@click.option("--shard", default="0/1", show_default=True, callback=_shard,
+              help="I/N: only context groups I, I+N, ... (run N processes on one --out to use N cores).")
 @click.option("--n-ctx", type=int, default=None, help="Context size (default: longest prompt + 512).")
 @click.option("--threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
 def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
-             n_ctx, threads, out_dir):
+             shard, n_ctx, threads, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
     from .eval import ruler
-    from .eval.harness import EvalConfig, run_eval
+    from .eval.harness import EvalConfig, load_results, result_key, run_eval
     from .eval.report import markdown, write_all
     from .models import resolve_model
 
@@ -272,8 +284,13 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
     m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads)
-    results = run_eval(m, rows, cfg, out / "results.jsonl", model_name=Path(path).stem)
-    summary = write_all(results, out)
+    i, n = shard
+    own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
+    others = [r for f in sorted(out.glob("results*.jsonl")) if f != own for r in load_results(f)]
+    results = run_eval(m, rows, cfg, own, model_name=Path(path).stem, shard=shard,
+                       skip={result_key(r) for r in others})
+    # the summary covers every shard's rows written so far
+    summary = write_all(others + results, out)
     click.echo(markdown(summary))
 
 

@@ -55,7 +55,8 @@ def group_rows(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     return list(groups.items())
 
 
-def _key(row: dict) -> tuple:
+def result_key(row: dict) -> tuple:
+    """What identifies a results row: a rerun skips rows with a key already written."""
     return tuple(row[k] for k in RESULT_KEY)
 
 
@@ -94,25 +95,30 @@ def _params(cfg: EvalConfig, base: str) -> dict:
 
 
 def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: bool = True,
-             model_name: str = "") -> list[dict]:
+             model_name: str = "", shard: tuple[int, int] = (0, 1), skip: set | frozenset = frozenset()) -> list[dict]:
     """Evaluate `rows` (dataset lines) on `model` (a CompressedLlama); appends
     result rows to `out` (JSON Lines) and returns all of them, earlier ones
-    included."""
+    included. `shard=(i, n)` takes only the context groups whose index is i
+    mod n, so n processes (each its own `out`) split one dataset; `skip` holds
+    result keys already written elsewhere (another shard's file)."""
     from tqdm.auto import tqdm
 
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
-    done = {_key(r) for r in results}
+    done = {result_key(r) for r in results} | set(skip)
     # rewrite the file without a possibly truncated tail
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
-    groups = group_rows(rows)
+    groups = [(gi, g) for gi, g in enumerate(group_rows(rows)) if gi % n_shard == i_shard]
     runs = list(_runs(cfg))
-    todo_total = sum(len(qs) for _, qs in groups) * len(runs)
-    bar = tqdm(total=todo_total, initial=min(len(done), todo_total), disable=not progress, unit="q",
+    keys = {(gi, qi, run[0], run[2], cfg.mode) for gi, (_, qs) in groups for run in runs for qi in range(len(qs))}
+    bar = tqdm(total=len(keys), initial=len(keys & done), disable=not progress, unit="q",
                desc=f"eval {model_name or ''}".strip())
     with out.open("a") as f:
-        for gi, (context, qs) in enumerate(groups):
+        for gi, (context, qs) in groups:
             pending = [(run, qi) for run in runs for qi in range(len(qs))
                        if (gi, qi, run[0], run[2], cfg.mode) not in done]
             if not pending:
