@@ -316,12 +316,23 @@ def main():
     ap.add_argument("--snapkv-window", type=int, default=None, help="override SnapKVPress.window_size (64)")
     ap.add_argument("--snapkv-kernel", type=int, default=None, help="override SnapKVPress.kernel_size (5)")
     ap.add_argument("--n-sink", type=int, default=None, help="override StreamingLLMPress.n_sink (4)")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, or cuda (TF32 stays off: float32 math)")
+    ap.add_argument("--shard", default="0/1",
+                    help="I/N: only groups I, I+N, ... of the data (N processes, each its own --out)")
     a = ap.parse_args()
+    try:
+        a.shard = tuple(int(x) for x in a.shard.split("/"))
+        assert len(a.shard) == 2 and 0 <= a.shard[0] < a.shard[1]
+    except (ValueError, AssertionError):
+        sys.exit(f"--shard wants I/N with 0 <= I < N, got {a.shard!r}")
 
     import torch
     from tqdm import tqdm
 
     torch.set_num_threads(a.threads)
+    # kvpress ran float32 on CPU; TF32 matmuls on a GPU would round to 10-bit mantissas
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     import kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
     from transformers import pipeline
 
@@ -334,6 +345,7 @@ def main():
 
     a.context_suffix = a.context_suffix.encode().decode("unicode_escape") if a.context_suffix else ""
     groups = load_groups(a.data, a.limit)
+    groups = [g for i, g in enumerate(groups) if i % a.shard[1] == a.shard[0]]
     done = done_keys(a.out, a.context_suffix)
     todo = []
     for g in groups:
@@ -351,9 +363,9 @@ def main():
     if todo:
         t0 = time.perf_counter()
         model, tok = load_model(gguf, a.dtype)
-        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device=a.device)
         print(f"loaded {gguf} in {time.perf_counter() - t0:.1f} s ({a.dtype}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
+              f"{a.device}, {torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     ntok_cache: dict[int, int] = {}
@@ -376,7 +388,7 @@ def main():
                            context_suffix=a.context_suffix, context_tokens=ntok_cache[gid], question=q["question"],
                            prediction=pred, answers=q["answers"], metric=q["metric"],
                            score=score(pred, q["answers"], q["metric"]),
-                           seconds=secs / nq, group_seconds=secs, threads=a.threads)
+                           seconds=secs / nq, group_seconds=secs, threads=a.threads, device=a.device)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
 
