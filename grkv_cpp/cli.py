@@ -244,7 +244,7 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     from pathlib import Path
 
     from .eval import ruler
-    from .eval.harness import EvalConfig, load_results, result_key, run_eval
+    from .eval.harness import EvalConfig, load_results, result_key, results_files, run_eval
     from .eval.report import markdown, write_all
     from .models import resolve_model
 
@@ -286,7 +286,7 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
-    others = [r for f in sorted(out.glob("results*.jsonl")) if f != own for r in load_results(f)]
+    others = [r for f in results_files(out) if f != own for r in load_results(f)]
     results = run_eval(m, rows, cfg, own, model_name=Path(path).stem, shard=shard,
                        skip={result_key(r) for r in others})
     # the summary covers every shard's rows written so far

@@ -40,6 +40,12 @@ def main():
         c = (r["engine"], r["method"], float(r["ratio"]))
         cell[(r["task"], *c)].append(r["score"])
         secs[c].append(r.get("seconds", 0.0))
+    # where an engine ran on a GPU its seconds are not comparable with a CPU's: say so in its label
+    label = {}
+    for e in engines:
+        devs = sorted({r.get("device", "cpu") for r in rows if r["engine"] == e})
+        name = "ours" if e == "grkv-cpp" else e
+        label[e] = name if devs == ["cpu"] else f"{name} ({', '.join(devs)})"
     configs = sorted({k[1:] for k in cell}, key=lambda c: (c[1] != "full", c[1], c[0], -c[2]))
     tasks = sorted({k[0] for k in cell})
     print("| engine | method | kept | **average** | s / q | " + " | ".join(tasks) + " |")
@@ -48,7 +54,7 @@ def main():
         per = {t: sum(cell[(t, *c)]) / len(cell[(t, *c)]) for t in tasks if cell.get((t, *c))}
         avg = sum(per.values()) / len(per)
         e, m, q = c
-        print(f"| {'ours' if e == 'grkv-cpp' else 'kvpress'} | {m} | {q:g} | **{avg:.1f}** | "
+        print(f"| {label[e]} | {m} | {q:g} | **{avg:.1f}** | "
               f"{sum(secs[c]) / len(secs[c]):.1f} | " + " | ".join(f"{per[t]:.0f}" if t in per else "" for t in tasks)
               + " |")
     n = {len(v) for v in cell.values()}

@@ -163,3 +163,37 @@ def test_shards_split_the_groups_and_add_up_to_the_whole_run(tiny_gguf, tmp_path
     assert r.exit_code == 0 and load_results(tmp_path / "sh" / "results.jsonl") == []
     r = CliRunner().invoke(main, base + ["--shard", "2/2", "--out", str(tmp_path / "sh")])
     assert r.exit_code != 0 and "0 <= I < N" in r.output
+
+
+def test_complete_groups_drops_a_half_done_group_and_report_resummarises(tmp_path):
+    from grkv_cpp.eval.harness import complete_groups
+    from grkv_cpp.eval.report import main as report_main
+
+    def row(g, method, ratio, score):
+        return dict(group=g, qid=0, task="t", method=method, ratio=ratio, mode="agnostic", score=score,
+                    seconds=1.0, model="m")
+
+    rows = [row(0, "full", 1.0, 100.0), row(0, "knorm", 0.5, 0.0), row(1, "full", 1.0, 0.0)]
+    assert {r["group"] for r in complete_groups(rows)} == {0}
+    (tmp_path / "results.shard0of2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "results.shard1of2.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    report_main([str(tmp_path), "--complete-groups"])
+    assert "t,full,1.0,100.0,1" in (tmp_path / "summary.csv").read_text()
+    report_main([str(tmp_path)])
+    assert "t,full,1.0,50.0,2" in (tmp_path / "summary.csv").read_text()
+    with pytest.raises(SystemExit, match="no results"):
+        report_main([str(tmp_path / "nothing")])
+
+
+def test_paired_difference_and_interval():
+    from grkv_cpp.eval.report import paired
+
+    rows = []
+    for g in range(40):
+        for m, sc in (("a", 100.0 if g < 30 else 0.0), ("b", 100.0 if g < 10 else 0.0)):
+            rows.append(dict(group=g, qid=0, method=m, ratio=0.5, mode="agnostic", score=sc))
+    (p,) = paired(rows, "a", "b")
+    assert p["n"] == 40 and p["diff"] == pytest.approx(50.0)  # 20 of 40 questions gained 100
+    assert p["a_better"] == 20 and p["b_better"] == 0
+    assert 30 < p["ci_low"] < 50 < p["ci_high"] < 70
+    assert paired(rows, "b", "b")[0]["diff"] == 0.0

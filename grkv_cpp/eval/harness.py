@@ -94,6 +94,23 @@ def _params(cfg: EvalConfig, base: str) -> dict:
     return p
 
 
+def results_files(out_dir: Path) -> list[Path]:
+    """A run folder's results: results.jsonl and one file per shard."""
+    return sorted(Path(out_dir).glob("results*.jsonl"))
+
+
+def complete_groups(results: list[dict]) -> list[dict]:
+    """Rows of the context groups whose every question has every (method,
+    ratio, mode) seen in `results`: a stopped run's half-done group would
+    otherwise weigh some methods and not others."""
+    configs = {(r["method"], r["ratio"], r["mode"]) for r in results}
+    have: dict[tuple, set] = {}
+    for r in results:
+        have.setdefault((r["group"], r["qid"]), set()).add((r["method"], r["ratio"], r["mode"]))
+    bad = {g for (g, _), c in have.items() if c != configs}
+    return [r for r in results if r["group"] not in bad]
+
+
 def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: bool = True,
              model_name: str = "", shard: tuple[int, int] = (0, 1), skip: set | frozenset = frozenset()) -> list[dict]:
     """Evaluate `rows` (dataset lines) on `model` (a CompressedLlama); appends

@@ -1,5 +1,10 @@
 """Summaries of evaluation results: a table per (task, method, ratio, mode)
-as CSV and Markdown, and score-against-ratio plots."""
+as CSV and Markdown, and score-against-ratio plots.
+
+    python -m grkv_cpp.eval.report RUN_DIR [--complete-groups]
+
+re-summarises a run folder (every shard's results file) without asking anything.
+"""
 
 from __future__ import annotations
 
@@ -111,3 +116,66 @@ def write_all(results: list[dict], out_dir: Path, title: str = "") -> list[dict]
         name = f"plot_{(model or 'model').replace('/', '_')}_{mode}.png"
         plot(sel, out_dir / name, title=f"{title} {model} {mode}".strip())
     return rows
+
+
+def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int = 0) -> list[dict]:
+    """Method `a` minus method `b` per kept ratio, on the questions both
+    answered (the same contexts): mean score difference and a 95% bootstrap
+    interval over questions, plus how many questions each one won."""
+    import numpy as np
+
+    by = defaultdict(dict)
+    for r in results:
+        by[(r["method"], r["ratio"], r["mode"])][(r["group"], r["qid"])] = r["score"]
+    out = []
+    for (m, ratio, mode), sa in sorted(by.items(), key=lambda kv: (kv[0][2], -kv[0][1])):
+        if m != a or (b, ratio, mode) not in by:
+            continue
+        sb = by[(b, ratio, mode)]
+        keys = sorted(set(sa) & set(sb))
+        if not keys:
+            continue
+        d = np.array([sa[k] - sb[k] for k in keys], dtype=np.float64)
+        idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+        lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+        out.append(dict(a=a, b=b, ratio=ratio, mode=mode, n=len(d), diff=float(d.mean()), ci_low=float(lo),
+                        ci_high=float(hi), a_better=int((d > 0).sum()), b_better=int((d < 0).sum())))
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| A | B | kept | mode | questions | A − B | 95% CI | A better | B better |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['a']} | {r['b']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['diff']:+.1f} | "
+                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {r['a_better']} | {r['b_better']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    import argparse
+
+    from .harness import complete_groups, load_results, results_files
+
+    ap = argparse.ArgumentParser(description="Summarise a `grkv-cpp eval` folder (summary.csv/.md, plots).")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--complete-groups", action="store_true",
+                    help="only context groups that every method and ratio finished (a stopped run)")
+    ap.add_argument("--paired", action="append", default=[], metavar="A:B",
+                    help="also print method A minus method B per ratio on the same questions, with a "
+                         "95%% bootstrap interval (repeatable), e.g. snapkv+grkv:snapkv")
+    a = ap.parse_args(argv)
+    files = results_files(a.run_dir)
+    if not files:
+        raise SystemExit(f"no results*.jsonl in {a.run_dir}")
+    results = [r for f in files for r in load_results(f)]
+    if a.complete_groups:
+        results = complete_groups(results)
+    print(markdown(write_all(results, a.run_dir)))
+    for pair in a.paired:
+        ma, _, mb = pair.partition(":")
+        print(paired_markdown(paired(results, ma, mb)))
+
+
+if __name__ == "__main__":
+    main()
