@@ -7,21 +7,17 @@
 
 #include "grkv/common.h"
 #include "grkv/merge.h"
+#include "gemm.h"
 
 namespace grkv {
 namespace {
 
-// float dot product, vectorised: the fit's inner loops are all d- or B-long dots and axpys
+// float dot product, vectorised (the remaining d- and B-long dots; products go through gemm.h)
 inline float dot(const float * a, const float * b, int n) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < n; ++i) s += a[i] * b[i];
     return s;
-}
-
-inline void axpy(float a, const float * x, float * y, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // In-place Cholesky of an SPD n x n matrix (lower), then solve for nrhs columns.
@@ -54,32 +50,43 @@ void cholesky_solve(std::vector<double> & M, int n, std::vector<double> & rhs, i
 
 }  // namespace
 
+namespace {
+
+std::vector<float> transpose(const float * X, int rows, int cols) {
+    std::vector<float> t((size_t) rows * cols);
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) t[(size_t) j * rows + i] = X[(size_t) i * cols + j];
+    return t;
+}
+
+}  // namespace
+
 void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::vector<float> & A,
                   std::vector<float> & O) {
     const int R = p.R, B = p.B, d = p.d;
+    const std::vector<float> Kt = transpose(K, B, d);  // [d][B]
     A.assign((size_t) R * B, 0.0f);
     O.assign((size_t) R * d, 0.0f);
-    std::vector<double> l(B);
+    gemm(R, B, d, p.q.data(), d, 1, Kt.data(), A.data());  // logits q_r . k_s, softmaxed in place
     for (int r = 0; r < R; ++r) {
-        const float * q = p.q.data() + (size_t) r * d;
         const uint8_t * vis = p.vis.data() + (size_t) r * B;
-        double mx = -std::numeric_limits<double>::infinity();
-        for (int s = 0; s < B; ++s) {
-            if (!vis[s]) continue;
-            l[s] = p.scale * dot(q, K + (size_t) s * d, d);
-            mx = std::max(mx, l[s]);
-        }
-        if (mx == -std::numeric_limits<double>::infinity()) continue;  // sees nothing
-        double z = 0;
-        for (int s = 0; s < B; ++s) if (vis[s]) z += (l[s] = std::exp(l[s] - mx));
         float * a = A.data() + (size_t) r * B;
-        float * o = O.data() + (size_t) r * d;
-        for (int s = 0; s < B; ++s) {
-            if (!vis[s]) continue;
-            a[s] = (float) (l[s] / z);
-            axpy(a[s], V + (size_t) s * d, o, d);
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int s = 0; s < B; ++s) if (vis[s]) mx = std::max(mx, (double) p.scale * a[s]);
+        if (mx == -std::numeric_limits<double>::infinity()) {  // sees nothing
+            std::fill(a, a + B, 0.0f);
+            continue;
         }
+        double z = 0;
+        for (int s = 0; s < B; ++s) {
+            const double e = vis[s] ? std::exp((double) p.scale * a[s] - mx) : 0.0;
+            a[s] = (float) e;
+            z += e;
+        }
+        const float inv = (float) (1.0 / z);
+        for (int s = 0; s < B; ++s) a[s] *= inv;
     }
+    gemm(R, d, B, A.data(), B, 1, V, O.data());
 }
 
 double grkv_objective(const GrkvProblem & p, const float * K, const float * V, float lambda) {
@@ -129,89 +136,38 @@ std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float
     }
     cholesky_solve(M, R, Rt, d);  // Rt <- beta = (At At^T + lambda I)^-1 Rt
     std::vector<float> beta(Rt.begin(), Rt.end());
-    std::vector<float> dV((size_t) B * d, 0.0f);
-    for (int r = 0; r < R; ++r) {
-        const float * ar = At.data() + (size_t) r * B;
-        const float * br = beta.data() + (size_t) r * d;
-        for (int s = 0; s < B; ++s) {
-            if (ar[s] != 0.0f) axpy(ar[s], br, dV.data() + (size_t) s * d, d);
-        }
-    }
+    std::vector<float> dV((size_t) B * d);
+    gemm(B, d, R, At.data(), 1, B, beta.data(), dV.data());  // At^T beta
     return dV;
 }
 
-// JVP and VJP are written as row-times-matrix products over a transposed
-// copy (axpys over contiguous rows vectorise; no horizontal reductions).
-namespace {
-
-std::vector<float> transpose(const float * X, int rows, int cols) {
-    std::vector<float> t((size_t) rows * cols);
-    for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) t[(size_t) j * rows + i] = X[(size_t) i * cols + j];
-    return t;
-}
-
-}  // namespace
-
-// Rows are processed four at a time so that each streamed row of D^T / V^T /
-// V feeds four accumulators (the fit is bound by these loads otherwise).
-constexpr int kRowBlock = 4;
-
-// c[k][s] = q_k . X_s for the rows of one block, X given transposed ([d][B]).
-static void block_dots(const float * const * q, int nk, const std::vector<float> & Xt, int B, int d,
-                       std::vector<float> * c) {
-    for (int k = 0; k < nk; ++k) std::fill(c[k].begin(), c[k].end(), 0.0f);
-    for (int e = 0; e < d; ++e) {
-        const float * x = Xt.data() + (size_t) e * B;
-        if (nk == kRowBlock) {
-            const float q0 = q[0][e], q1 = q[1][e], q2 = q[2][e], q3 = q[3][e];
-            float *c0 = c[0].data(), *c1 = c[1].data(), *c2 = c[2].data(), *c3 = c[3].data();
-#pragma omp simd
-            for (int s = 0; s < B; ++s) {
-                c0[s] += q0 * x[s];
-                c1[s] += q1 * x[s];
-                c2[s] += q2 * x[s];
-                c3[s] += q3 * x[s];
-            }
-        } else {
-            for (int k = 0; k < nk; ++k) axpy(q[k][e], x, c[k].data(), B);
-        }
-    }
-}
+// JVP and VJP are two dense products each (gemm.h) around an elementwise
+// mask-and-scale by the attention weights.
 
 std::vector<float> grkv_jvp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * D) {
     // do_r = sqrt(w_r) * sum_s c_rs (v_s - o_r),  c_rs = a_rs * scale * (q_r . D_s), s mutable
     const int R = p.R, B = p.B, d = p.d;
     const std::vector<float> Dt = transpose(D, B, d);  // [d][B]
-    std::vector<float> out((size_t) R * d, 0.0f);
-    std::vector<float> c[kRowBlock];
-    for (auto & x : c) x.resize(B);
-    for (int r0 = 0; r0 < R; r0 += kRowBlock) {
-        const int nk = std::min(kRowBlock, R - r0);
-        const float * q[kRowBlock];
-        for (int k = 0; k < nk; ++k) q[k] = p.q.data() + (size_t) (r0 + k) * d;
-        block_dots(q, nk, Dt, B, d, c);
-        float csum[kRowBlock] = {0, 0, 0, 0};
-        for (int k = 0; k < nk; ++k) {
-            const float * a = A.data() + (size_t) (r0 + k) * B;
-            for (int s = 0; s < B; ++s) {
-                c[k][s] = p.mut[s] ? a[s] * p.scale * c[k][s] : 0.0f;
-                csum[k] += c[k][s];
-            }
-        }
+    std::vector<float> c((size_t) R * B), out((size_t) R * d);
+    gemm(R, B, d, p.q.data(), d, 1, Dt.data(), c.data());  // q_r . D_s
+    std::vector<float> csum(R, 0.0f);
+    for (int r = 0; r < R; ++r) {
+        const float * a = A.data() + (size_t) r * B;
+        float * cr = c.data() + (size_t) r * B;
+        float t = 0.0f;
         for (int s = 0; s < B; ++s) {
-            const float * v = V + (size_t) s * d;
-            for (int k = 0; k < nk; ++k) {
-                if (c[k][s] != 0.0f) axpy(c[k][s], v, out.data() + (size_t) (r0 + k) * d, d);
-            }
+            cr[s] = p.mut[s] ? a[s] * p.scale * cr[s] : 0.0f;
+            t += cr[s];
         }
-        for (int k = 0; k < nk; ++k) {
-            float * acc = out.data() + (size_t) (r0 + k) * d;
-            const float * o = O.data() + (size_t) (r0 + k) * d;
-            const float sw = std::sqrt(p.w[r0 + k]);
-            for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum[k] * o[e]);
-        }
+        csum[r] = t;
+    }
+    gemm(R, d, B, c.data(), B, 1, V, out.data());  // sum_s c_rs v_s
+    for (int r = 0; r < R; ++r) {
+        float * acc = out.data() + (size_t) r * d;
+        const float * o = O.data() + (size_t) r * d;
+        const float sw = std::sqrt(p.w[r]);
+        for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum[r] * o[e]);
     }
     return out;
 }
@@ -221,28 +177,16 @@ std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A,
     // (J^T u)_s = scale * sum_r sqrt(w_r) a_rs (u_r . v_s - u_r . o_r) q_r, s mutable
     const int R = p.R, B = p.B, d = p.d;
     const std::vector<float> Vt = transpose(V, B, d);  // [d][B]
-    std::vector<float> out((size_t) B * d, 0.0f);
-    std::vector<float> uv[kRowBlock];
-    for (auto & x : uv) x.resize(B);
-    for (int r0 = 0; r0 < R; r0 += kRowBlock) {
-        const int nk = std::min(kRowBlock, R - r0);
-        const float * u[kRowBlock];
-        for (int k = 0; k < nk; ++k) u[k] = U + (size_t) (r0 + k) * d;
-        block_dots(u, nk, Vt, B, d, uv);
-        for (int k = 0; k < nk; ++k) {
-            const float uo = dot(u[k], O.data() + (size_t) (r0 + k) * d, d);
-            const float f = p.scale * std::sqrt(p.w[r0 + k]);
-            const float * a = A.data() + (size_t) (r0 + k) * B;
-            for (int s = 0; s < B; ++s) uv[k][s] = p.mut[s] ? f * a[s] * (uv[k][s] - uo) : 0.0f;
-        }
-        for (int s = 0; s < B; ++s) {
-            if (!p.mut[s]) continue;
-            float * os = out.data() + (size_t) s * d;
-            for (int k = 0; k < nk; ++k) {
-                if (uv[k][s] != 0.0f) axpy(uv[k][s], p.q.data() + (size_t) (r0 + k) * d, os, d);
-            }
-        }
+    std::vector<float> g((size_t) R * B), out((size_t) B * d);
+    gemm(R, B, d, U, d, 1, Vt.data(), g.data());  // u_r . v_s
+    for (int r = 0; r < R; ++r) {
+        const float uo = dot(U + (size_t) r * d, O.data() + (size_t) r * d, d);
+        const float f = p.scale * std::sqrt(p.w[r]);
+        const float * a = A.data() + (size_t) r * B;
+        float * gr = g.data() + (size_t) r * B;
+        for (int s = 0; s < B; ++s) gr[s] = p.mut[s] ? f * a[s] * (gr[s] - uo) : 0.0f;
     }
+    gemm(B, d, R, g.data(), 1, B, p.q.data(), out.data());  // sum_r g_rs q_r (g read transposed)
     return out;
 }
 
