@@ -38,9 +38,18 @@ def main():
     ap.add_argument("--kept", default="512,1024,2048", help="kept tokens B per head")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--native", default=None,
+                    help="path of another build's _native*.so to time instead of the installed one (A/B)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from grkv_cpp import _native
+    if a.native:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_native", a.native)
+        _native = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_native)
+    else:
+        from grkv_cpp import _native
 
     rows = []
     for model, R, d, heads in SHAPES:
@@ -58,7 +67,8 @@ def main():
                   f"{best * heads:6.2f} s per compression ({heads} heads)", flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(), threads=1, rows=rows), f, indent=1)
+            json.dump(dict(machine=platform.processor() or platform.machine(), threads=1, native=_native.__file__,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

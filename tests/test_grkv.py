@@ -50,8 +50,10 @@ def test_jvp_finite_difference_and_reference(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_vjp_is_adjoint_of_jvp(seed):
-    pr = random_problem(seed)
+@pytest.mark.parametrize("shape", [{}, dict(G=1, Q=7, d=20, T=90, B=37, n_fixed=5), dict(G=4, Q=8, d=72, T=150, B=70)])
+def test_vjp_is_adjoint_of_jvp(seed, shape):
+    # the shapes cover the product kernel's full tiles and its leftover rows and columns
+    pr = random_problem(seed, **shape)
     p = native(pr)
     rng = np.random.default_rng(seed)
     K = pr["k0"].numpy().astype(np.float32)
@@ -65,6 +67,7 @@ def test_vjp_is_adjoint_of_jvp(seed):
     ref = Problem(**pr)
     t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
     assert rel(_native.grkv_vjp(p, K, V, U), ref.vjp(t(K), t(V), t(U))) < 1e-4
+    assert rel(_native.grkv_jvp(p, K, V, Dir), ref.jvp(t(K), t(V), t(Dir))) < 1e-4
 
 
 @pytest.mark.parametrize("seed", range(2))
