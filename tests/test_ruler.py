@@ -166,6 +166,14 @@ def test_generation_is_deterministic_per_seed():
         assert a[i]["context"] != a[i + 1]["context"]
 
 
+def test_sample_major_order_keeps_rows_and_task_order():
+    a = ruler.generate(["vt", "niah_single_1"], [1024, 768], toy_tokenize, 3, seed=7)
+    b = ruler.sample_major(a)
+    assert sorted(map(str, a)) == sorted(map(str, b))
+    assert [(r["length"], r["sample"], r["task"]) for r in b[:4]] == [
+        (768, 0, "vt"), (768, 0, "niah_single_1"), (768, 1, "vt"), (768, 1, "niah_single_1")]
+
+
 def test_unknown_task_and_too_short_length():
     with pytest.raises(ValueError, match="unknown RULER task"):
         ruler.generate(["niah"], [1024], toy_tokenize, 1)

@@ -916,6 +916,14 @@ def gguf_tokenizer(model_path: str | os.PathLike) -> Tokenize:
     return tokenize
 
 
+def sample_major(rows: list[dict]) -> list[dict]:
+    """Reorder rows to (length, sample, task) keeping the task order (stable)."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["task"], len(first))
+    return sorted(rows, key=lambda r: (r["length"], r["sample"], first[r["task"]]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m grkv_cpp.eval.ruler",
                                  description="Generate RULER data offline for a GGUF model.")
@@ -927,6 +935,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--include-generation", action="store_true",
                     help="count max_new_tokens inside the length (RULER's convention)")
     ap.add_argument("--reserve", type=int, default=0, help="tokens kept free (BOS, chat template)")
+    ap.add_argument("--order", choices=("task", "sample"), default="task",
+                    help="task: every sample of a task together; sample: sample 0 of every task, then sample 1, "
+                         "... (per length), so a stopped evaluation has whole samples of every task")
     ap.add_argument("--out", required=True, help="output .jsonl")
     a = ap.parse_args(argv)
     from ..models import resolve_model
@@ -935,6 +946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
     rows = generate(a.tasks, lengths, tok, a.samples, a.seed,
                     include_generation=a.include_generation, reserve=a.reserve)
+    if a.order == "sample":
+        rows = sample_major(rows)
     write_jsonl(rows, a.out)
     seen: dict[tuple[str, int], list[int]] = {}
     for r in rows:
