@@ -24,8 +24,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ours", type=Path)
     ap.add_argument("kvpress", type=Path, nargs="?")
+    ap.add_argument("--complete-groups", action="store_true",
+                    help="only our context groups that every method and ratio finished (a stopped run)")
     a = ap.parse_args()
     rows = load(a.ours, "grkv-cpp")
+    if a.complete_groups:
+        from grkv_cpp.eval.harness import complete_groups
+
+        rows = complete_groups(rows)
     if a.kvpress and a.kvpress.exists():
         rows += load(a.kvpress, "kvpress")
     # only questions both engines answered, when both are present
