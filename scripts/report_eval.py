@@ -8,13 +8,14 @@ per question, per method and kept ratio. Prints Markdown.
 """
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from grkv_cpp.eval.harness import complete_groups, load_results
+
 
 def load(path: Path, engine: str) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = load_results(path)  # a line cut by an interrupted run ends the file
     for r in rows:
         r.setdefault("engine", engine)
     return rows
@@ -29,8 +30,6 @@ def main():
     a = ap.parse_args()
     rows = load(a.ours, "grkv-cpp")
     if a.complete_groups:
-        from grkv_cpp.eval.harness import complete_groups
-
         rows = complete_groups(rows)
     if a.kvpress and a.kvpress.exists():
         rows += load(a.kvpress, "kvpress")

@@ -48,10 +48,7 @@ void cholesky_solve(std::vector<double> & M, int n, std::vector<double> & rhs, i
     }
 }
 
-}  // namespace
-
-namespace {
-
+// Row-major [rows][cols] -> [cols][rows]: gemm's B operand is read row-major.
 std::vector<float> transpose(const float * X, int rows, int cols) {
     std::vector<float> t((size_t) rows * cols);
     for (int i = 0; i < rows; ++i)
