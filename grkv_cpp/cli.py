@@ -58,12 +58,14 @@ def main():
               help="GGUF path, or smollm2 / gemma3 from their PyPI packages.")
 @click.option("--kv-ratio", type=float, default=0.5, show_default=True, help="Kept fraction of the context.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-def demo(model, kv_ratio, threads):
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+def demo(model, kv_ratio, threads, n_gpu_layers):
     """Full cache against compressed caches on a built-in long context."""
     from .texts import demo_context
 
     context, needles = demo_context()
-    m = _model(model, n_ctx=2048, n_threads=threads)
+    m = _model(model, n_ctx=2048, n_threads=threads, n_gpu_layers=n_gpu_layers)
     click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads)")
     kept = f"{kv_ratio:.0%} kept"
     runs = [("full cache", None, {}),
@@ -129,11 +131,13 @@ def demo(model, kv_ratio, threads):
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--flash-attn", is_flag=True)
 @click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
         query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
-        flash_attn, threads, as_json, verbose):
+        flash_attn, threads, n_gpu_layers, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
@@ -146,7 +150,8 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
     if chunk is not None:
         n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
         kw["swa_full"] = False  # an iSWA model's window cache sized for the window, not n_ctx
-    m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, verbose=verbose, **kw)
+    m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, n_gpu_layers=n_gpu_layers,
+               verbose=verbose, **kw)
     evict, _, merge = method.partition("+")
     params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink},
               "laser": {"window_size": window, "protect_divisor": protect_divisor}}.get(evict, {})
@@ -236,10 +241,12 @@ def _ints(ctx, param, value):
               help="I/N: only context groups I, I+N, ... (run N processes on one --out to use N cores).")
 @click.option("--n-ctx", type=int, default=None, help="Context size (default: longest prompt + 512).")
 @click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
 def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
-             shard, n_ctx, threads, out_dir):
+             shard, n_ctx, threads, n_gpu_layers, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
@@ -283,7 +290,7 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
             params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
-    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads)
+    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads, n_gpu_layers=n_gpu_layers)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
     others = [r for f in results_files(out) if f != own for r in load_results(f)]
@@ -310,14 +317,16 @@ def _longest(rows, path) -> int:
 @click.option("--text-file", type=click.File("r"), default=None,
               help="Plain text to use (default: the packaged long text, see docs/results.md).")
 @click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON output.")
-def divergence(model, context_tokens, continuation, methods, ratios, text_file, threads, out):
+def divergence(model, context_tokens, continuation, methods, ratios, text_file, threads, n_gpu_layers, out):
     """Teacher-forced KL divergence and perplexity of a continuation, compressed vs full cache."""
     from .eval.divergence import run_divergence
     from .eval.texts import long_text
 
     text = text_file.read() if text_file else long_text()
-    m = _model(model, n_ctx=context_tokens + continuation + 256, n_threads=threads)
+    m = _model(model, n_ctx=context_tokens + continuation + 256, n_threads=threads, n_gpu_layers=n_gpu_layers)
     rows = run_divergence(m, text, context_tokens=context_tokens, continuation=continuation,
                           methods=methods.split(","), ratios=ratios)
     click.echo(f"{'method':16s} {'kept':>5s} {'KL mean':>8s} {'KL med':>8s} {'PPL':>7s} {'PPL full':>8s} {'top1':>5s}")

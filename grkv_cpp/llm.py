@@ -70,14 +70,17 @@ class CompressedLlama:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, flash_attn: bool = False, type_k: str = "f16",
-                 type_v: str = "f16", seed: int = 0, swa_full: bool = True, verbose: bool = False):
+                 type_v: str = "f16", seed: int = 0, swa_full: bool = True, n_gpu_layers: int = 0,
+                 verbose: bool = False):
         self.capture = GraphCapture()
         self.capture.set_targets([QUERIES])
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.llm = open_llama(model_path, callback=self.capture.c_callback, user_data=self.capture.user_data,
                               type_k=type_k, type_v=type_v, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                               n_threads=self.n_threads, flash_attn=flash_attn, seed=seed, swa_full=swa_full,
-                              verbose=verbose)
+                              n_gpu_layers=n_gpu_layers, verbose=verbose)
+        # where the layers (and their KV cache) run: the state blob reads and writes either
+        self.device = "gpu" if n_gpu_layers != 0 and L.llama_supports_gpu_offload() else "cpu"
         self.swa_full = swa_full
         self.info = describe(self.llm)
         self.vocab = L.llama_model_get_vocab(self.llm._model.model)

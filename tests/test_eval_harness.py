@@ -123,11 +123,15 @@ def test_cli_eval_resumes_and_writes_outputs(tiny_gguf, tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(dataset(2, 1), data)
     args = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--methods", "full,knorm,snapkv",
-            "--ratios", "0.5", "--window", "16", "--out", str(tmp_path / "o")]
+            "--ratios", "0.5", "--window", "16", "-ngl", "99", "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     first = (tmp_path / "o" / "summary.csv").read_text()
-    assert len(load_results(tmp_path / "o" / "results.jsonl")) == 2 * 3
+    rows = load_results(tmp_path / "o" / "results.jsonl")
+    assert len(rows) == 2 * 3
+    # every row says where it ran; a CPU build ignores -ngl and runs on the CPU
+    import llama_cpp.llama_cpp as L
+    assert {r["device"] for r in rows} == {"gpu" if L.llama_supports_gpu_offload() else "cpu"}
     r = CliRunner().invoke(main, args)  # a rerun finds everything done and asks nothing again
     assert r.exit_code == 0, r.output
     assert len(load_results(tmp_path / "o" / "results.jsonl")) == 6

@@ -157,6 +157,7 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
                     new = _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi)
                 for r in new:
                     r["model"] = model_name
+                    r["device"] = getattr(model, "device", "cpu")
                     f.write(json.dumps(r) + "\n")
                     f.flush()
                     results.append(r)
