@@ -240,13 +240,15 @@ def _ints(ctx, param, value):
 @click.option("--shard", default="0/1", show_default=True, callback=_shard,
               help="I/N: only context groups I, I+N, ... (run N processes on one --out to use N cores).")
 @click.option("--n-ctx", type=int, default=None, help="Context size (default: longest prompt + 512).")
+@click.option("--flash-attn", is_flag=True,
+              help="Flash attention (the V cache is then stored untransposed: fewer, larger state-blob copies).")
 @click.option("--threads", type=int, default=None)
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
               help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
 def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
-             shard, n_ctx, threads, n_gpu_layers, out_dir):
+             shard, n_ctx, flash_attn, threads, n_gpu_layers, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
@@ -290,7 +292,8 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
             params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
-    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, n_threads=threads, n_gpu_layers=n_gpu_layers)
+    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, flash_attn=flash_attn, n_threads=threads,
+               n_gpu_layers=n_gpu_layers)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
     others = [r for f in results_files(out) if f != own for r in load_results(f)]

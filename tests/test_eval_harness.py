@@ -123,7 +123,7 @@ def test_cli_eval_resumes_and_writes_outputs(tiny_gguf, tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(dataset(2, 1), data)
     args = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--methods", "full,knorm,snapkv",
-            "--ratios", "0.5", "--window", "16", "-ngl", "99", "--out", str(tmp_path / "o")]
+            "--ratios", "0.5", "--window", "16", "-ngl", "99", "--flash-attn", "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     first = (tmp_path / "o" / "summary.csv").read_text()
