@@ -1,8 +1,8 @@
 """grkv-cpp: compressed KV caches for GGUF models through llama.cpp."""
 
 # llama.cpp's shared libraries load before our extension: the other order crashed a
-# CUDA build in llama_model_load_from_file (both link the C++/OpenMP runtimes).
-import llama_cpp  # noqa: F401  isort: skip
+# CUDA build in llama_model_load_from_file (probably the C++/OpenMP runtimes both link).
+import llama_cpp  # noqa: F401
 
 from .errors import CompressionError, GrkvError, NativeError, UnsupportedModelError
 from .llm import CompressedLlama

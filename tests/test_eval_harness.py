@@ -123,7 +123,7 @@ def test_cli_eval_resumes_and_writes_outputs(tiny_gguf, tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(dataset(2, 1), data)
     args = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--methods", "full,knorm,snapkv",
-            "--ratios", "0.5", "--window", "16", "-ngl", "99", "--flash-attn", "--out", str(tmp_path / "o")]
+            "--ratios", "0.5", "--window", "16", "-ngl", "99", "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     first = (tmp_path / "o" / "summary.csv").read_text()
@@ -148,8 +148,9 @@ def test_shards_split_the_groups_and_add_up_to_the_whole_run(tiny_gguf, tmp_path
 
     data = tmp_path / "d.jsonl"
     write_jsonl(dataset(3, 1), data)
+    # with flash attention (an untransposed V cache in the state blob)
     base = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--methods", "full,knorm",
-            "--ratios", "0.5", "--window", "16"]
+            "--ratios", "0.5", "--window", "16", "--flash-attn"]
     assert CliRunner().invoke(main, base + ["--out", str(tmp_path / "whole")]).exit_code == 0
     for i in (0, 1):
         r = CliRunner().invoke(main, base + ["--shard", f"{i}/2", "--out", str(tmp_path / "sh")])
