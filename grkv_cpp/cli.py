@@ -26,6 +26,12 @@ def _check_method(ctx, param, value):
     return value
 
 
+# shared by every command that loads a model
+_gpu_layers_option = click.option(
+    "--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+    help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+
+
 def _model(path_or_name: str, **kw):
     from .llm import CompressedLlama
     from .loader import quiet
@@ -58,8 +64,7 @@ def main():
               help="GGUF path, or smollm2 / gemma3 from their PyPI packages.")
 @click.option("--kv-ratio", type=float, default=0.5, show_default=True, help="Kept fraction of the context.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@_gpu_layers_option
 def demo(model, kv_ratio, threads, n_gpu_layers):
     """Full cache against compressed caches on a built-in long context."""
     from .texts import demo_context
@@ -131,8 +136,7 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--flash-attn", is_flag=True)
 @click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@_gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
@@ -243,8 +247,7 @@ def _ints(ctx, param, value):
 @click.option("--flash-attn", is_flag=True,
               help="Flash attention (the V cache is then stored untransposed: fewer, larger state-blob copies).")
 @click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@_gpu_layers_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
 def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
@@ -320,8 +323,7 @@ def _longest(rows, path) -> int:
 @click.option("--text-file", type=click.File("r"), default=None,
               help="Plain text to use (default: the packaged long text, see docs/results.md).")
 @click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-              help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@_gpu_layers_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON output.")
 def divergence(model, context_tokens, continuation, methods, ratios, text_file, threads, n_gpu_layers, out):
     """Teacher-forced KL divergence and perplexity of a continuation, compressed vs full cache."""
