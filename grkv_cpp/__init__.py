@@ -4,11 +4,11 @@
 # CUDA build in llama_model_load_from_file (probably the C++/OpenMP runtimes both link).
 import llama_cpp  # noqa: F401
 
-from .errors import CompressionError, GrkvError, NativeError, UnsupportedModelError
+from .errors import BadRequestError, CompressionError, GrkvError, NativeError, UnsupportedModelError
 from .llm import CompressedLlama
 from .methods import KNorm, SnapKV, StreamingLLM, parse_method
 from .stats import Stats
 
 __all__ = ["CompressedLlama", "Stats", "SnapKV", "KNorm", "StreamingLLM", "parse_method", "GrkvError",
-           "CompressionError", "UnsupportedModelError", "NativeError"]
+           "BadRequestError", "CompressionError", "UnsupportedModelError", "NativeError"]
 __version__ = "0.1.0"

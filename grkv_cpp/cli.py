@@ -15,7 +15,7 @@ METHODS_HELP = (f"Eviction method ({', '.join(REGISTRY)}), optionally '+merge' "
 
 
 def _check_method(ctx, param, value):
-    if value == "full":
+    if value == "full" and param.name != "decode_method":  # decode-time compression needs a method
         return value
     from .methods import parse_method
 
@@ -53,7 +53,20 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """Our own errors (bad arguments, a context that does not fit, a refused
+    model) end the command with their message, not a traceback."""
+
+    def invoke(self, ctx):
+        from .errors import GrkvError
+
+        try:
+            return super().invoke(ctx)
+        except GrkvError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="grkv-cpp")
 def main():
     """Compressed-KV-cache inference for GGUF models through llama.cpp."""
@@ -145,6 +158,8 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
     """Answer questions about a long context from a compressed KV cache."""
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
+    if query_aware and method == "full":
+        raise click.UsageError("--query-aware compresses: give a method other than full")
     if query_aware and len(questions) != 1:
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
     if chunk is not None and (kv_budget is None or method == "full"):

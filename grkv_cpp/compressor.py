@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _native, kvstate
 from .capture import GraphCapture
-from .errors import CompressionError, NativeError
+from .errors import BadRequestError, CompressionError, NativeError
 from .loader import ModelInfo
 from .merges import Merge
 from .methods import Method
@@ -23,13 +23,13 @@ PART = 0  # the compressed cache: the only cache, or an iSWA model's global-laye
 def resolve_budget(n_tokens: int, ratio: float | None = None, budget: int | None = None) -> int:
     """Cells to keep, from a kept ratio of the context or a token count."""
     if (ratio is None) == (budget is None):
-        raise ValueError("give exactly one of ratio (kept fraction) or budget (tokens)")
+        raise BadRequestError("give exactly one of ratio (kept fraction) or budget (tokens)")
     if ratio is not None:
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"kv ratio must be in (0, 1], got {ratio}")
+            raise BadRequestError(f"kv ratio must be in (0, 1], got {ratio}")
         return max(1, min(n_tokens, int(round(ratio * n_tokens))))
     if budget < 1:
-        raise ValueError(f"kv budget must be >= 1 token, got {budget}")
+        raise BadRequestError(f"kv budget must be >= 1 token, got {budget}")
     return min(budget, n_tokens)
 
 
@@ -84,6 +84,9 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
         strata = set(merge.strata(last_pos + 1))
         sel = np.array([int(x) in strata for x in p])
         qs, ps = q[sel], p[sel]
+        if len(ps) != len(strata):  # fitting to a few of them would silently change the method
+            raise CompressionError(f"GRKV stratified queries: {len(ps)} of the {len(strata)} strata positions were "
+                                   "captured; prefill with capture_positions() for this merge")
         rot = _native.rope_rotate(np.ascontiguousarray(qs), info.rope_n_rot, info.rope_base, info.rope_scale,
                                   info.rope_neox, np.repeat((last_pos - ps).astype(np.float64), info.n_head))
         # queries at T-1 see every key: no causal mask; total weight 6 (spec §4.2)

@@ -13,8 +13,8 @@ import llama_cpp.llama_cpp as L
 
 from . import kvstate
 from .capture import QUERIES, GraphCapture
-from .compressor import capture_positions, captured_queries, compress_cache, observation_window
-from .errors import GrkvError
+from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
+from .errors import BadRequestError, GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .methods import Method, parse_method
@@ -163,6 +163,27 @@ class CompressedLlama:
                 "or run a budgeted request (compress_budgeted / --kv-budget N --chunk C)"
             )
 
+    @contextlib.contextmanager
+    def _keep_context_on_failure(self):
+        """compress() replaces the context: if it fails after the cache was
+        wiped, put the previous context back (or none), so that ask() never
+        answers from a half-made cache."""
+        saved = None
+        if self._context_len:
+            saved = (kvstate.get_blob(self.ctx), self.llm.n_tokens, self._context_len, self._cells, self._live,
+                     self._format, self.stats, self._gkv_hist, self._decode_since)
+        try:
+            yield
+        except BaseException:
+            if saved is not None and kvstate.set_blob(self.ctx, saved[0]):
+                (_, self.llm.n_tokens, self._context_len, self._cells, self._live, self._format, self.stats,
+                 self._gkv_hist, self._decode_since) = saved
+            else:
+                self._reset()
+                self._context_len = self._cells = 0
+                self._format = None
+            raise
+
     def _prefill(self, tokens: Sequence[int], capture: int | Sequence[int] = 0, whole: bool = False):
         """Evaluate tokens from position 0, capturing the post-RoPE queries at
         `capture` (positions, or an int n for the last n). Queries confined to
@@ -195,27 +216,29 @@ class CompressedLlama:
         (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
         eviction method or the merge, whichever declares them."""
         m, merge = parse_method(method, **params)
-        tokens = self._tokens_for(context)
-        n_ctx_tokens = len(tokens)
-        if question is not None:
-            tokens = tokens + self._question_tokens(question, answer_prefix)
-        self._check_room(len(tokens) + 1)
-        if question is not None and m.needs_queries and len(tokens) - n_ctx_tokens > m.window:
-            # query-aware: the whole question sits inside the observation window
-            m = dataclasses.replace(m, window_size=len(tokens) - n_ctx_tokens)
-        # Query-aware: the last token is decoded after compression, so the
-        # first answer token comes from the compressed cache.
-        body = tokens if question is None else tokens[:-1]
-        positions, whole = capture_positions(len(body), m, merge)
-        t0 = time.perf_counter()
-        self._prefill(body, positions, whole)
-        t1 = time.perf_counter()
-        res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
-                             capture=self.capture, n_threads=self.n_threads)
-        self._live = res.cells_after
-        t2 = time.perf_counter()
-        if question is not None:
-            self._eval(tokens[-1:])
+        with self._keep_context_on_failure():
+            tokens = self._tokens_for(context)
+            n_ctx_tokens = len(tokens)
+            if question is not None:
+                tokens = tokens + self._question_tokens(question, answer_prefix)
+            self._check_room(len(tokens) + 1)
+            if question is not None and m.needs_queries and len(tokens) - n_ctx_tokens > m.window:
+                # query-aware: the whole question sits inside the observation window
+                m = dataclasses.replace(m, window_size=len(tokens) - n_ctx_tokens)
+            # Query-aware: the last token is decoded after compression, so the
+            # first answer token comes from the compressed cache.
+            body = tokens if question is None else tokens[:-1]
+            resolve_budget(len(body), ratio, budget)  # bad arguments fail before the cache is wiped
+            positions, whole = capture_positions(len(body), m, merge)
+            t0 = time.perf_counter()
+            self._prefill(body, positions, whole)
+            t1 = time.perf_counter()
+            res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
+                                 capture=self.capture, n_threads=self.n_threads)
+            self._live = res.cells_after
+            t2 = time.perf_counter()
+            if question is not None:
+                self._eval(tokens[-1:])
         self._context_len = self.llm.n_tokens
         self._cells = res.cells_after + (1 if question is not None else 0)
         label = _label(m, merge, shared)
@@ -224,7 +247,6 @@ class CompressedLlama:
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
                            prefill_s=t1 - t0, compress_s=t2 - t1)
-        self._last_compress = res
         self._memory_stats(res.bytes_per_cell, simulate(len(body), budget=res.cells_after))  # post-fill eviction
         return self.stats
 
@@ -242,56 +264,62 @@ class CompressedLlama:
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "budgeted prefill")
         if budget < 1 or chunk < 1:
-            raise GrkvError("budget and chunk must be >= 1 token")
-        tokens = self._tokens_for(context)
-        # room for the budget, a chunk, and the question and answer that follow (1 at least)
-        self._check_room(budget + chunk + 1)
-        self._reset()
-        w_max = observation_window(m, merge)
-        t_prefill = t_compress = 0.0
-        n_compress = 0
-        self.budget_trace = []  # cells held after each chunk (after its compression)
-        q_tokens = self._question_tokens(question) if question is not None else None
-        if q_tokens is not None:
-            self._check_room(budget + chunk + len(q_tokens) + 1)
-        for a in range(0, len(tokens), chunk):
-            piece = tokens[a: a + chunk]
-            w = min(w_max, len(piece))
-            t0 = time.perf_counter()
-            captured = None
+            raise BadRequestError("budget and chunk must be >= 1 token")
+        with self._keep_context_on_failure():
+            tokens = self._tokens_for(context)
+            # room for the budget, a chunk, and the question and answer that follow (1 at least)
+            self._check_room(budget + chunk + 1)
+            q_tokens = self._question_tokens(question) if question is not None else None
             if q_tokens is not None:
-                self._eval(piece)
-                end = self.llm.n_tokens
-                self.capture.set_targets([(*QUERIES, list(range(end, end + len(q_tokens))))])
-                with self.capture.enabled():
-                    self._eval(q_tokens)
-                captured = captured_queries(self.capture, self.info)
-                kvstate.remove_from(self.ctx, end)  # the question's cells go; its queries stay
-                self.llm.n_tokens = end
-                self._live -= len(q_tokens)
-            elif w:
-                self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
-                self._eval(piece[: len(piece) - w])
-                with self.capture.enabled():
-                    self._eval(piece[len(piece) - w:])
-            else:
-                self._eval(piece)
-            t1 = time.perf_counter()
-            if self._live > budget:
-                res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
-                                     capture=self.capture, n_threads=self.n_threads, captured=captured)
-                self._live = res.cells_after
-                n_compress += 1
-            self.budget_trace.append(self._live)
-            t_prefill += t1 - t0
-            t_compress += time.perf_counter() - t1
+                self._check_room(budget + chunk + len(q_tokens) + 1)
+            w_max = observation_window(m, merge)
+            if w_max > budget:
+                raise BadRequestError(f"the protected window ({w_max}) does not fit the budget ({budget})")
+            self._reset()
+            t_prefill = t_compress = 0.0
+            n_compress = 0
+            self.budget_trace = []  # cells held after each chunk (after its compression)
+            for a in range(0, len(tokens), chunk):
+                piece = tokens[a: a + chunk]
+                w = min(w_max, len(piece))
+                t0 = time.perf_counter()
+                captured = None
+                if q_tokens is not None:
+                    self._eval(piece)
+                    end = self.llm.n_tokens
+                    self.capture.set_targets([(*QUERIES, list(range(end, end + len(q_tokens))))])
+                    with self.capture.enabled():
+                        self._eval(q_tokens)
+                    captured = captured_queries(self.capture, self.info)
+                    kvstate.remove_from(self.ctx, end)  # the question's cells go; its queries stay
+                    self.llm.n_tokens = end
+                    self._live -= len(q_tokens)
+                elif w:
+                    self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
+                    self._eval(piece[: len(piece) - w])
+                    with self.capture.enabled():
+                        self._eval(piece[len(piece) - w:])
+                else:
+                    self._eval(piece)
+                t1 = time.perf_counter()
+                if self._live > budget:
+                    res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
+                                         capture=self.capture, n_threads=self.n_threads, captured=captured)
+                    self._live = res.cells_after
+                    n_compress += 1
+                self.budget_trace.append(self._live)
+                t_prefill += t1 - t0
+                t_compress += time.perf_counter() - t1
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         self._context_len = self.llm.n_tokens
         self._cells = state.part_info(0)["n_cells"]
+        per_cell = state.part_info(0)["bytes_per_cell"]
         label = _label(m, merge, shared)
         self.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
                            kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
-                           kv_bytes_before=len(tokens) * state.part_info(0)["bytes_per_cell"],
+                           # the compressed part as if it held every token; other parts (an iSWA
+                           # model's window cache) are not compressed and count as they are
+                           kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - self._cells) * per_cell,
                            prefill_s=t_prefill, compress_s=t_compress, compressions=n_compress)
         self._memory_stats(kvstate.bytes_per_cell(state),
                            simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
@@ -459,7 +487,7 @@ class CompressedLlama:
                         yield text[emitted:cut]
                     emitted = cut
                     break
-                if len(text) > emitted and not out.endswith(b"\xef\xbf\xbd"):
+                if len(text) > emitted:  # a character split across tokens shows once complete
                     yield text[emitted:]
                     emitted = len(text)
                 if n == max_tokens:

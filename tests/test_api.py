@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from grkv_cpp import CompressedLlama, kvstate
 from grkv_cpp.cli import main
-from grkv_cpp.errors import CompressionError, GrkvError
+from grkv_cpp.errors import BadRequestError, CompressionError, GrkvError
 from grkv_cpp.methods import parse_method
 
 
@@ -55,23 +55,39 @@ def test_query_aware_budget(tiny):
 
 
 def test_bad_input_is_refused_and_context_kept(tiny):
-    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
-    before = kvstate.get_blob(tiny.ctx)
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("h2o")
     with pytest.raises(ValueError, match="unknown merge"):
         parse_method("snapkv+magic")
     with pytest.raises(ValueError, match="unknown parameter"):
         parse_method("knorm", kernel=3)
-    with pytest.raises(ValueError, match="exactly one"):
-        tiny.compress(CONTEXT, method="knorm")
+    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
+    before, n, answer = kvstate.get_blob(tiny.ctx), tiny._context_len, tiny.ask("abc", max_tokens=5)
+    other = "zzz yyy xxx www " * 25  # a different context: a failure must not leave it half-installed
+    with pytest.raises(BadRequestError, match="exactly one"):
+        tiny.compress(other, method="knorm")
+    with pytest.raises(BadRequestError, match=r"\(0, 1\]"):
+        tiny.compress(other, method="knorm", ratio=1.5)
     with pytest.raises(GrkvError, match="do not fit"):
         tiny.compress(CONTEXT * 20, method="knorm", ratio=0.5)
+    # fails inside the native selection, after `other` was prefilled: the old context comes back
     with pytest.raises(CompressionError, match="smaller than"):
-        tiny.compress(CONTEXT, method="snapkv", budget=8)
-    # the failed compression rolled back to its own prefill; the earlier state is intact after re-running
-    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
-    assert kvstate.get_blob(tiny.ctx) == before
+        tiny.compress(other, method="snapkv", budget=8)
+    with pytest.raises(CompressionError, match="smaller than"):
+        tiny.compress(other, method="snapkv", question="abc def", budget=8)
+    with pytest.raises(BadRequestError, match="does not fit the budget"):
+        tiny.compress_budgeted(other, method="snapkv", budget=8, chunk=64)
+    assert kvstate.get_blob(tiny.ctx) == before and tiny._context_len == n
+    assert tiny.ask("abc", max_tokens=5) == answer  # no recompression needed
+
+
+def test_failure_without_a_previous_context_leaves_none(tiny_gguf):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    with pytest.raises(CompressionError, match="smaller than"):
+        m.compress(CONTEXT, method="snapkv", budget=8)
+    assert kvstate.pos_range(m.ctx)[1] < 0  # nothing half-made stays in the cache
+    with pytest.raises(GrkvError, match="call compress"):
+        m.ask("abc")
 
 
 def test_cli_ask_json(tiny_gguf, tmp_path):
@@ -87,6 +103,16 @@ def test_cli_ask_json(tiny_gguf, tmp_path):
     r = CliRunner().invoke(main, ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc",
                                   "--method", "snapkv"])
     assert r.exit_code != 0 and "exactly one of --kv-ratio or --kv-budget" in r.output
+    # our errors end the command with a message, not a traceback
+    base = ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc"]
+    for extra, message in [(["--method", "knorm", "--kv-ratio", "0.5", "--n-ctx", "64"], "do not fit"),
+                           (["--method", "knorm", "--kv-ratio", "1.5"], "(0, 1]"),
+                           (["--method", "snapkv", "--kv-budget", "8"], "smaller than"),
+                           (["--method", "full", "--query-aware"], "--query-aware compresses"),
+                           (["--method", "full", "--decode-budget", "64", "--decode-method", "full"], "unknown method")]:
+        r = CliRunner().invoke(main, base + extra)
+        assert isinstance(r.exception, SystemExit) and r.exit_code in (1, 2), (extra, r.exception, r.output)
+        assert message in r.output, (extra, r.output)
 
 
 def test_shared_selection_always_keeps_the_last_position(tiny):

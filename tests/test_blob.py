@@ -32,7 +32,7 @@ def test_parse_rebuild_is_byte_identical(tiny_gguf, cfg):
     assert info["n_cells"] == len(toks)
     assert info["v_trans"] == (not cfg.get("flash_attn", False))
     assert info["n_layer"] == 3
-    # K read through the codec equals the keys the cache holds after a set/get cycle
+    # llama.cpp takes the blob back and writes out the same bytes
     assert kvstate.set_blob(m.ctx, blob)
     assert kvstate.get_blob(m.ctx) == blob
 
@@ -64,8 +64,13 @@ def test_failed_apply_rolls_back_and_context_stays_usable(tiny_gguf, monkeypatch
         compress_cache(m.ctx, m.info, SnapKV(), budget=10, capture=m.capture)
     assert kvstate.get_blob(m.ctx) == before
     # llama.cpp rejecting the new state (which wipes the sequence) is rolled back too
-    monkeypatch.setattr(kvstate, "set_blob", lambda ctx, blob, _orig=kvstate.set_blob:
-                        False if blob != before else _orig(ctx, blob))
+    def rejecting(ctx, blob, _orig=kvstate.set_blob):
+        if blob == before:
+            return _orig(ctx, blob)
+        kvstate.remove_from(ctx, 0)  # as llama.cpp does when it rejects a state: the sequence is gone
+        return False
+
+    monkeypatch.setattr(kvstate, "set_blob", rejecting)
     with pytest.raises(CompressionError, match="rejected"):
         compress_cache(m.ctx, m.info, KNorm(), ratio=0.5)
     monkeypatch.undo()

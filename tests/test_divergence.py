@@ -4,7 +4,7 @@ numpy recomputation and the identities KL(p||p) = 0, KL >= 0."""
 import numpy as np
 import pytest
 
-from grkv_cpp import CompressedLlama
+from grkv_cpp import CompressedLlama, kvstate
 from grkv_cpp.eval.divergence import kl_and_nll, run_divergence
 
 TEXT = "the quick brown fox jumps over the lazy dog and runs away " * 30
@@ -30,3 +30,4 @@ def test_divergence_rows(tiny_gguf):
         assert np.isfinite(by[(meth, 0.25)]["ppl"])
     # the continuation is removed again: the context's cache is unchanged afterwards
     assert m.llm.n_tokens == 200
+    assert kvstate.pos_range(m.ctx)[1] == 199  # no continuation cell stays

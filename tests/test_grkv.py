@@ -87,7 +87,6 @@ def test_key_step_matches_exact_gauss_newton(seed):
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_fit_safeguard_fixed_slots_and_caps(seed, dtype):
     pr = random_problem(seed)
-    p = native(pr)
     # store originals in the cache dtype, as they come from the cache
     k0 = _native.f32_round_trip(pr["k0"].numpy().astype(np.float32), dtype)
     v0 = _native.f32_round_trip(pr["v0"].numpy().astype(np.float32), dtype)

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import BadRequestError
 from .base import Merge
 
 
@@ -30,9 +31,9 @@ class GRKV(Merge):
 
     def __post_init__(self):
         if self.query_mode not in ("window", "stratified"):
-            raise ValueError("GRKV query_mode must be 'window' or 'stratified'")
+            raise BadRequestError("GRKV query_mode must be 'window' or 'stratified'")
         if self.steps < 1 or self.lam <= 0 or not 0 <= self.guard < 1:
-            raise ValueError("GRKV needs steps >= 1, lam > 0 and 0 <= guard < 1")
+            raise BadRequestError("GRKV needs steps >= 1, lam > 0 and 0 <= guard < 1")
 
     @property
     def window(self) -> int:

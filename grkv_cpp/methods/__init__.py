@@ -1,6 +1,7 @@
 """Eviction methods, one per file. Each is a small frozen config; the scoring
 itself runs in the native core (native/src/score/<name>.cpp)."""
 
+from ..errors import BadRequestError
 from .base import Method
 from .gkv import GKV
 from .knorm import KNorm
@@ -22,18 +23,18 @@ def parse_method(spec, **params):
         return spec, None
     name, _, merge_name = spec.lower().partition("+")
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+        raise BadRequestError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
     mcls = REGISTRY[name]
     gcls = None
     if merge_name:
         if merge_name not in MERGES:
-            raise ValueError(f"unknown merge {merge_name!r}; choose one of {', '.join(MERGES)}")
+            raise BadRequestError(f"unknown merge {merge_name!r}; choose one of {', '.join(MERGES)}")
         gcls = MERGES[merge_name]
     mfields = {f.name for f in dataclasses.fields(mcls)}
     gfields = {f.name for f in dataclasses.fields(gcls)} if gcls else set()
     unknown = set(params) - mfields - gfields
     if unknown:
-        raise ValueError(f"unknown parameter(s) for {spec}: {', '.join(sorted(unknown))}")
+        raise BadRequestError(f"unknown parameter(s) for {spec}: {', '.join(sorted(unknown))}")
     method = mcls(**{k: v for k, v in params.items() if k in mfields})
     merge = gcls(**{k: v for k, v in params.items() if k in gfields and k not in mfields}) if gcls else None
     return method, merge

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import BadRequestError
 from .base import Method
 
 
@@ -22,9 +23,9 @@ class GKV(Method):
 
     def __post_init__(self):
         if self.window_size < 1:
-            raise ValueError("G-KV window must be >= 1")
+            raise BadRequestError("G-KV window must be >= 1")
         if not (0.0 <= self.alpha <= 1.0 and 0.0 <= self.mix_lambda <= 1.0):
-            raise ValueError("G-KV alpha and mix_lambda must lie in [0, 1]")
+            raise BadRequestError("G-KV alpha and mix_lambda must lie in [0, 1]")
 
     @property
     def window(self) -> int:

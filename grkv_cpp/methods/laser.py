@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import BadRequestError
 from .base import Method
 
 
@@ -21,9 +22,9 @@ class LaserKV(Method):
 
     def __post_init__(self):
         if self.window_size < 1:
-            raise ValueError("LASER-KV scoring window must be >= 1")
+            raise BadRequestError("LASER-KV scoring window must be >= 1")
         if self.protect_divisor < 2:
-            raise ValueError("LASER-KV protection divisor must be >= 2")
+            raise BadRequestError("LASER-KV protection divisor must be >= 2")
 
     @property
     def window(self) -> int:

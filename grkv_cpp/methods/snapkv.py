@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import BadRequestError
 from .base import Method
 
 
@@ -17,11 +18,11 @@ class SnapKV(Method):
 
     def __post_init__(self):
         if self.window_size < 1:
-            raise ValueError("SnapKV window must be >= 1")
+            raise BadRequestError("SnapKV window must be >= 1")
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError("SnapKV kernel must be odd and >= 1")
+            raise BadRequestError("SnapKV kernel must be odd and >= 1")
         if self.pooling not in ("avg", "max"):
-            raise ValueError("SnapKV pooling must be 'avg' or 'max'")
+            raise BadRequestError("SnapKV pooling must be 'avg' or 'max'")
 
     @property
     def window(self) -> int:

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import BadRequestError
 from .base import Method
 
 
@@ -12,7 +13,7 @@ class StreamingLLM(Method):
 
     def __post_init__(self):
         if self.n_sink < 0:
-            raise ValueError("n_sink must be >= 0")
+            raise BadRequestError("n_sink must be >= 0")
 
     def native_args(self) -> dict:
         return {"method": "streaming", "kernel": 5, "n_sink": self.n_sink}

@@ -11,7 +11,7 @@
 namespace grkv {
 
 struct MethodParams {
-    std::string name = "snapkv";   // "snapkv" | "knorm" | "streaming"
+    std::string name = "snapkv";   // "snapkv" | "knorm" | "streaming" | "gkv" | "laser"
     int kernel = 5;                // SnapKV pooling kernel
     bool max_pool = false;         // SnapKV pooling: average (kvpress) or max
     int n_sink = 4;                // StreamingLLM sinks

@@ -61,7 +61,6 @@ struct GrkvResult {
     std::vector<float> k, v;       // [B][d] chosen
     // regularised objective per candidate: none, V only, K and V (last step)
     double obj_none = 0, obj_v = 0, obj_kv = 0;
-    std::vector<float> k1, v1;     // candidates after rounding (for the per-layer safeguard)
     std::vector<double> cand_obj;  // objective of every candidate in cand_k/cand_v order
     std::vector<std::vector<float>> cand_k, cand_v;
 };

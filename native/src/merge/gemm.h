@@ -56,7 +56,7 @@ inline void gemm(int M, int N, int K, const float * A, size_t sai, size_t sak, c
     }
     i_blocks *= MR;  // rows done in every full column tile
 #endif
-    // what the tiles left: all columns of the last M % 4 rows, and the last N % 16 columns
+    // what the tiles left: all columns of the last M % MR rows, and the last N % 16 columns
     for (int i = 0; i < M; ++i) {
         const int j_from = i < i_blocks ? j_done : 0;
         if (j_from >= N) continue;
