@@ -33,6 +33,12 @@ def _require_window_queries(merge, what: str):
         raise GrkvError(f"{what} supports GRKV's window queries only")
 
 
+def _require_window_fits(window: int, budget: int):
+    """The protected window is always kept: a smaller budget cannot hold it."""
+    if window > budget:
+        raise BadRequestError(f"the protected window ({window}) does not fit the budget ({budget})")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefilledState:
     """A context prefilled once with the full cache: its KV state and the
@@ -168,16 +174,17 @@ class CompressedLlama:
         """compress() replaces the context: if it fails after the cache was
         wiped, put the previous context back (or none), so that ask() never
         answers from a half-made cache."""
+        fields = ("_context_len", "_cells", "_live", "_format", "stats", "_gkv_hist", "_decode_since")
         saved = None
         if self._context_len:
-            saved = (kvstate.get_blob(self.ctx), self.llm.n_tokens, self._context_len, self._cells, self._live,
-                     self._format, self.stats, self._gkv_hist, self._decode_since)
+            saved = (kvstate.get_blob(self.ctx), self.llm.n_tokens, {f: getattr(self, f) for f in fields})
         try:
             yield
         except BaseException:
             if saved is not None and kvstate.set_blob(self.ctx, saved[0]):
-                (_, self.llm.n_tokens, self._context_len, self._cells, self._live, self._format, self.stats,
-                 self._gkv_hist, self._decode_since) = saved
+                self.llm.n_tokens = saved[1]
+                for f, v in saved[2].items():
+                    setattr(self, f, v)
             else:
                 self._reset()
                 self._context_len = self._cells = 0
@@ -273,8 +280,7 @@ class CompressedLlama:
             if q_tokens is not None:
                 self._check_room(budget + chunk + len(q_tokens) + 1)
             w_max = observation_window(m, merge)
-            if w_max > budget:
-                raise BadRequestError(f"the protected window ({w_max}) does not fit the budget ({budget})")
+            _require_window_fits(w_max, budget)
             self._reset()
             t_prefill = t_compress = 0.0
             n_compress = 0
@@ -512,8 +518,7 @@ class CompressedLlama:
         w = observation_window(m, merge)
         if budget < 1 or every < 1:
             raise GrkvError("decode compression budget and interval must be >= 1 token")
-        if w > budget:
-            raise GrkvError(f"the protected window ({w}) does not fit the budget ({budget})")
+        _require_window_fits(w, budget)
         _require_window_queries(merge, "decode-time compression")
         self._decode = DecodePolicy(budget, every, m, merge, w)
         self._decode_since = 0
