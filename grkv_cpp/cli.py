@@ -271,7 +271,16 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     from pathlib import Path
 
     from .eval import ruler
-    from .eval.harness import EvalConfig, load_results, result_key, results_files, run_eval
+    from .eval.harness import (
+        EvalConfig,
+        check_manifest,
+        data_digest,
+        dedupe,
+        load_results,
+        result_key,
+        results_files,
+        run_eval,
+    )
     from .eval.report import markdown, write_all
     from .models import resolve_model
 
@@ -292,6 +301,7 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
             click.echo(f"wrote {len(rows)} questions to {data_file}")
     else:
         rows = ruler.read_jsonl(Path(data))
+    digest = data_digest(rows)  # the whole file's: a --limit run may resume a full one
     if limit is not None:
         keep, seen = [], []
         for r in rows:
@@ -310,11 +320,13 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
             params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
+    check_manifest(out, dict(data=digest, model=Path(path).stem, window=cfg.window, chunk=chunk, params=params,
+                             flash_attn=bool(flash_attn), default_max_new_tokens=cfg.default_max_new_tokens))
     m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, flash_attn=flash_attn, n_threads=threads,
                n_gpu_layers=n_gpu_layers)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
-    others = [r for f in results_files(out) if f != own for r in load_results(f)]
+    others = dedupe([r for f in results_files(out) if f != own for r in load_results(f)], str(out))
     results = run_eval(m, rows, cfg, own, model_name=Path(path).stem, shard=shard,
                        skip={result_key(r) for r in others})
     # the summary covers every shard's rows written so far

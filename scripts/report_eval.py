@@ -33,8 +33,14 @@ def main():
         rows = complete_groups(rows)
     if a.kvpress and a.kvpress.exists():
         rows += load(a.kvpress, "kvpress")
+    # one table compares one model's query-agnostic runs: refuse to pool anything else
+    for what in ("mode", "model"):
+        seen = {r.get(what, "agnostic" if what == "mode" else "") for r in rows if r["engine"] == "grkv-cpp"}
+        if len(seen) > 1 or (what == "mode" and seen - {"agnostic"}):
+            raise SystemExit(f"{a.ours}: rows of several {what}s ({', '.join(map(str, sorted(seen)))}); "
+                             "this table compares one model's query-agnostic runs")
     # only questions both engines answered, when both are present
-    key = lambda r: (r["task"], r["sample"], r["qid"])  # noqa: E731
+    key = lambda r: (r.get("length"), r["task"], r["sample"], r["qid"])  # noqa: E731
     engines = {r["engine"] for r in rows}
     if len(engines) > 1:
         common = set.intersection(*({key(r) for r in rows if r["engine"] == e} for e in engines))
@@ -60,7 +66,7 @@ def main():
         avg = sum(per.values()) / len(per)
         e, m, q = c
         print(f"| {label[e]} | {m} | {q:g} | **{avg:.1f}** | "
-              f"{sum(secs[c]) / len(secs[c]):.1f} | " + " | ".join(f"{per[t]:.0f}" if t in per else "" for t in tasks)
+              f"{sum(secs[c]) / len(secs[c]):.1f} | " + " | ".join(f"{per[t]:.1f}" if t in per else "" for t in tasks)
               + " |")
     n = {len(v) for v in cell.values()}
     print(f"\n{len(tasks)} tasks; {min(n)}-{max(n)} questions per cell; scores x100 (RULER string match); "

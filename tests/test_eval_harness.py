@@ -202,3 +202,75 @@ def test_paired_difference_and_interval():
     assert p["a_better"] == 20 and p["b_better"] == 0
     assert 30 < p["ci_low"] < 50 < p["ci_high"] < 70
     assert paired(rows, "b", "b")[0]["diff"] == 0.0
+    # 20 wins, no losses: the exact p is 2 / 2^20; 100,000 random sign patterns put it near 1e-5
+    assert p["p"] < 1e-4
+    with pytest.raises(ValueError, match="no rows for method c"):
+        paired(rows, "a", "c")
+
+
+def test_sign_flip_p_matches_the_exact_binomial_on_wins_and_losses():
+    from math import comb
+
+    from grkv_cpp.eval.report import sign_flip_p
+
+    def binom_two_sided(w, n):  # |wins - losses| at least as large as observed, fair coin
+        return sum(comb(n, k) for k in range(n + 1) if abs(2 * k - n) >= abs(2 * w - n)) / 2 ** n
+
+    # 8 questions better, 3 worse, 249 ties (ties cannot flip): exact enumeration
+    d = [100.0] * 8 + [-100.0] * 3 + [0.0] * 249
+    assert sign_flip_p(d) == pytest.approx(binom_two_sided(8, 11)) == pytest.approx(464 / 2048)
+    # 30 against 14: Monte Carlo, within its sampling error of the exact value
+    d = [100.0] * 30 + [-100.0] * 14
+    assert sign_flip_p(d) == pytest.approx(binom_two_sided(30, 44), abs=0.003)
+    assert sign_flip_p([0.0] * 5) == 1.0
+    # unequal sizes (RULER's `part` metric): only the all-positive pattern and its mirror reach |sum| = 150
+    assert sign_flip_p([100.0, 50.0]) == pytest.approx(0.5)
+
+
+def test_paired_against_the_full_cache():
+    from grkv_cpp.eval.report import paired
+
+    rows = [dict(group=g, qid=0, method="full", ratio=1.0, mode="agnostic", score=100.0) for g in range(4)]
+    rows += [dict(group=g, qid=0, method="snapkv", ratio=r, mode="agnostic", score=100.0 * (g < 2))
+             for g in range(4) for r in (0.5, 0.9)]
+    out = paired(rows, "snapkv", "full")
+    assert [(p["ratio"], p["diff"], p["b_better"]) for p in out] == [(0.9, -50.0, 2), (0.5, -50.0, 2)]
+
+
+def test_loading_skips_a_bad_middle_line_and_drops_duplicate_rows(tmp_path):
+    from grkv_cpp.eval.harness import load_run
+
+    def row(g):
+        return dict(group=g, qid=0, method="full", ratio=1.0, mode="agnostic", score=1.0)
+
+    f = tmp_path / "results.jsonl"
+    f.write_text(json.dumps(row(0)) + "\n{broken\n" + json.dumps(row(1)) + "\n{cut by an interrup")
+    with pytest.warns(UserWarning, match="line 2"):
+        assert [r["group"] for r in load_results(f)] == [0, 1]  # the cut last line goes silently
+    # a shard file left beside the results.jsonl it was merged into counts once
+    f.write_text(json.dumps(row(0)) + "\n" + json.dumps(row(1)) + "\n")
+    (tmp_path / "results.shard0of2.jsonl").write_text(json.dumps(row(1)) + "\n")
+    with pytest.warns(UserWarning, match="dropped 1 rows"):
+        assert sorted(r["group"] for r in load_run(tmp_path)) == [0, 1]
+
+
+def test_cli_eval_refuses_to_resume_a_folder_of_another_run(tiny_gguf, tmp_path):
+    from click.testing import CliRunner
+
+    from grkv_cpp.cli import main
+    from grkv_cpp.eval.ruler import write_jsonl
+
+    d1, d2 = tmp_path / "d1.jsonl", tmp_path / "d2.jsonl"
+    write_jsonl(dataset(1, 1, seed=0), d1)
+    write_jsonl(dataset(1, 1, seed=1), d2)
+    base = ["eval", "--model", str(tiny_gguf), "--methods", "full", "--ratios", "0.5", "--out", str(tmp_path / "o")]
+    assert CliRunner().invoke(main, base + ["--data", str(d1)]).exit_code == 0
+    before = (tmp_path / "o" / "results.jsonl").read_text()
+    # other data: group 0 would be another context, so its rows must not count as done
+    r = CliRunner().invoke(main, base + ["--data", str(d2)])
+    assert r.exit_code != 0 and "run.json differs" in r.output and "data" in r.output
+    r = CliRunner().invoke(main, base + ["--data", str(d1), "--window", "32"])
+    assert r.exit_code != 0 and "window" in r.output
+    assert (tmp_path / "o" / "results.jsonl").read_text() == before
+    # a --limit run of the same file is the same run
+    assert CliRunner().invoke(main, base + ["--data", str(d1), "--limit", "1"]).exit_code == 0

@@ -43,7 +43,8 @@ def run_divergence(model, text: str, *, context_tokens: int, continuation: int, 
     for meth in methods:
         for r in ratios:
             t0 = time.perf_counter()
-            st = model.compress_state(state, method=meth, ratio=r, **params.get(meth.split("+")[0], {}))
+            kw = {**params.get(meth.split("+")[0], {}), **params.get(meth, {})}  # eviction's, then the pair's
+            st = model.compress_state(state, method=meth, ratio=r, **kw)
             comp = model.continuation_logits(cont[:-1])
             kl, nll_full, nll_comp = kl_and_nll(full, comp, targets)
             rows.append(dict(method=meth, ratio=r, context_tokens=len(ctx), continuation=len(targets),

@@ -13,8 +13,11 @@ written, so an interrupted run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,17 +64,70 @@ def result_key(row: dict) -> tuple:
 
 
 def load_results(path: Path) -> list[dict]:
+    """A results file's rows. A last line cut by an interruption is dropped
+    (that row is redone); an unreadable line elsewhere is skipped with a
+    warning, so the rows after it are kept."""
     if not path.exists():
         return []
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
     out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by an interruption: it and anything after are redone
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                warnings.warn(f"{path}: skipping unreadable line {i + 1}: {line[:60]!r}", stacklevel=2)
     return out
+
+
+def dedupe(rows: list[dict], what: str = "results") -> list[dict]:
+    """One row per result key, the first seen: a shard file left beside the
+    results.jsonl it was merged into would otherwise count twice."""
+    seen, out = set(), []
+    for r in rows:
+        k = result_key(r)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    if len(out) < len(rows):
+        warnings.warn(f"{what}: dropped {len(rows) - len(out)} rows whose (group, question, method, ratio, mode) "
+                      "was already seen", stacklevel=2)
+    return out
+
+
+def load_run(out_dir: Path) -> list[dict]:
+    """Every row of a run folder (results.jsonl and the shard files), each key once."""
+    return dedupe([r for f in results_files(out_dir) for r in load_results(f)], str(out_dir))
+
+
+MANIFEST = "run.json"
+
+
+def data_digest(rows: list[dict]) -> str:
+    """The dataset's content (not its file's bytes): rows are keyed by group
+    index, so resuming into a folder with other data would mix answers."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=True).encode() + b"\n")
+    return h.hexdigest()
+
+
+def check_manifest(out_dir: Path, manifest: dict):
+    """Write the run's identity (data, model, settings that change answers)
+    beside its results, or refuse to resume a folder written with another."""
+    from ..errors import BadRequestError
+
+    path = Path(out_dir) / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diff:
+            raise BadRequestError(f"{out_dir} holds results of another run ({MANIFEST} differs: "
+                                  + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                                  + "); use another --out")
+    else:
+        path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _runs(cfg: EvalConfig):
@@ -125,10 +181,12 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = load_results(out)
+    results = dedupe(load_results(out), str(out))
     done = {result_key(r) for r in results} | set(skip)
-    # rewrite the file without a possibly truncated tail
-    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    # rewrite the file without a possibly truncated tail (atomically: a crash here loses nothing)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+    os.replace(tmp, out)
     groups = [(gi, g) for gi, g in enumerate(group_rows(rows)) if gi % n_shard == i_shard]
     runs = list(_runs(cfg))
     keys = {(gi, qi, run[0], run[2], cfg.mode) for gi, (_, qs) in groups for run in runs for qi in range(len(qs))}

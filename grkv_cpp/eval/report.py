@@ -118,20 +118,45 @@ def write_all(results: list[dict], out_dir: Path, title: str = "") -> list[dict]
     return rows
 
 
+def sign_flip_p(d, n_draws: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip (permutation) test of mean(d) = 0.
+    Only the nonzero differences can flip; exact up to 2^16 sign patterns,
+    Monte Carlo beyond. When a handful of 260 questions differ, a bootstrap
+    interval can exclude zero while this test does not: report both."""
+    import numpy as np
+
+    z = np.asarray(d, dtype=np.float64)
+    z = z[z != 0]
+    if z.size == 0:
+        return 1.0
+    obs = abs(z.sum()) - 1e-12
+    if z.size <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** z.size)[:, None] >> np.arange(z.size)) & 1)
+        return float((np.abs(signs @ z) >= obs).mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_draws, z.size))
+    return float(((np.abs(signs @ z) >= obs).sum() + 1) / (n_draws + 1))
+
+
 def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int = 0) -> list[dict]:
     """Method `a` minus method `b` per kept ratio, on the questions both
-    answered (the same contexts): mean score difference and a 95% bootstrap
-    interval over questions, plus how many questions each one won."""
+    answered (the same contexts): mean score difference over questions, a 95%
+    bootstrap interval over questions, a sign-flip p-value, and how many
+    questions each one won. `b` may be `full` (its one ratio, 1.0, against
+    each of `a`'s)."""
     import numpy as np
 
     by = defaultdict(dict)
     for r in results:
         by[(r["method"], r["ratio"], r["mode"])][(r["group"], r["qid"])] = r["score"]
+    if not any(m == a for m, _, _ in by) or not any(m == b for m, _, _ in by):
+        missing = [x for x in (a, b) if not any(m == x for m, _, _ in by)]
+        raise ValueError(f"no rows for method {', '.join(missing)} (have: {', '.join(sorted({m for m, _, _ in by}))})")
     out = []
     for (m, ratio, mode), sa in sorted(by.items(), key=lambda kv: (kv[0][2], -kv[0][1])):
-        if m != a or (b, ratio, mode) not in by:
+        kb = (b, 1.0 if b == "full" else ratio, mode)
+        if m != a or kb not in by:
             continue
-        sb = by[(b, ratio, mode)]
+        sb = by[kb]
         keys = sorted(set(sa) & set(sb))
         if not keys:
             continue
@@ -139,23 +164,24 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
         idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
         lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
         out.append(dict(a=a, b=b, ratio=ratio, mode=mode, n=len(d), diff=float(d.mean()), ci_low=float(lo),
-                        ci_high=float(hi), a_better=int((d > 0).sum()), b_better=int((d < 0).sum())))
+                        ci_high=float(hi), p=sign_flip_p(d, seed=seed), a_better=int((d > 0).sum()),
+                        b_better=int((d < 0).sum())))
     return out
 
 
 def paired_markdown(rows: list[dict]) -> str:
-    lines = ["| A | B | kept | mode | questions | A − B | 95% CI | A better | B better |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| A | B | kept | mode | questions | A − B | 95% CI | p | A better | B better |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['a']} | {r['b']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['diff']:+.1f} | "
-                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {r['a_better']} | {r['b_better']} |")
+                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {r['p']:.2f} | {r['a_better']} | {r['b_better']} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     import argparse
 
-    from .harness import complete_groups, load_results, results_files
+    from .harness import complete_groups, load_run, results_files
 
     ap = argparse.ArgumentParser(description="Summarise a `grkv-cpp eval` folder (summary.csv/.md, plots).")
     ap.add_argument("run_dir", type=Path)
@@ -163,18 +189,21 @@ def main(argv=None):
                     help="only context groups that every method and ratio finished (a stopped run)")
     ap.add_argument("--paired", action="append", default=[], metavar="A:B",
                     help="also print method A minus method B per ratio on the same questions, with a "
-                         "95%% bootstrap interval (repeatable), e.g. snapkv+grkv:snapkv")
+                         "95%% bootstrap interval and a sign-flip p-value (repeatable), e.g. snapkv+grkv:snapkv")
     a = ap.parse_args(argv)
     files = results_files(a.run_dir)
     if not files:
         raise SystemExit(f"no results*.jsonl in {a.run_dir}")
-    results = [r for f in files for r in load_results(f)]
+    results = load_run(a.run_dir)
     if a.complete_groups:
         results = complete_groups(results)
     print(markdown(write_all(results, a.run_dir)))
     for pair in a.paired:
         ma, _, mb = pair.partition(":")
-        print(paired_markdown(paired(results, ma, mb)))
+        try:
+            print(paired_markdown(paired(results, ma, mb)))
+        except ValueError as e:
+            raise SystemExit(f"--paired {pair}: {e}")
 
 
 if __name__ == "__main__":

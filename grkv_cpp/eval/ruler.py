@@ -62,7 +62,13 @@ Deviations from RULER, none of which changes the task:
   dropped first, and whole distractor paragraphs are added past the largest prefix
   that fits, to close the gap to the budget (RULER stops at the prefix);
 - vt: the in-context example is fitted to min(470, budget // 2) tokens (RULER: 470)
-  so that short lengths still leave room for the task.
+  so that short lengths still leave room for the task, and each sample renames
+  the example's variables (RULER keeps one example with fixed names for the set).
+
+Lengths count the prompt as fed, before any chat template; with the defaults
+(``include_generation=False``, ``reserve=0``) a "1K" sample's prompt takes the
+whole 1024 tokens, where RULER's 1K counts the template and the generated
+tokens too, so its haystacks are shorter (niah at 1K: its 128 answer tokens alone are 12.5%).
 """
 
 from __future__ import annotations
