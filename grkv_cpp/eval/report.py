@@ -169,12 +169,16 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
     return out
 
 
+def _p(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else "<0.01"
+
+
 def paired_markdown(rows: list[dict]) -> str:
     lines = ["| A | B | kept | mode | questions | A − B | 95% CI | p | A better | B better |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['a']} | {r['b']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['diff']:+.1f} | "
-                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {r['p']:.2f} | {r['a_better']} | {r['b_better']} |")
+                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {_p(r['p'])} | {r['a_better']} | {r['b_better']} |")
     return "\n".join(lines) + "\n"
 
 
