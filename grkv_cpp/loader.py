@@ -164,6 +164,11 @@ def open_llama(model_path: str | os.PathLike, *, callback=None, user_data: int |
         )
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model file not found: {model_path}")
+    # Llama() gives batch (prefill) work every core unless told otherwise, so
+    # `n_threads=1` alone still prefilled on all cores: two 1-thread processes
+    # on 2 cores then fought over them. One thread count for both.
+    if kwargs.get("n_threads") and not kwargs.get("n_threads_batch"):
+        kwargs["n_threads_batch"] = kwargs["n_threads"]
     c0, m0 = L.llama_context_default_params, L.llama_model_default_params
     disable_extra = amx_compiled_in()
 

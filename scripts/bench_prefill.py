@@ -29,6 +29,7 @@ def open_model(path, n_ctx, threads, extra_bufts):
     L.llama_model_default_params = mp
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                               n_threads_batch=threads,
                                verbose=False)
     finally:
         L.llama_model_default_params = m0

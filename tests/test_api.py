@@ -121,3 +121,11 @@ def test_shared_selection_always_keeps_the_last_position(tiny):
         tiny.answer_query_aware(CONTEXT, q, method="knorm", ratio=0.2, shared=True, max_tokens=2)
         tiny.compress(CONTEXT, method="knorm", ratio=0.2, shared=True)
         assert kvstate.pos_range(tiny.ctx)[1] == tiny._context_len - 1
+
+
+def test_threads_cover_prefill_too(tiny_gguf):
+    # llama-cpp-python defaults batch (prefill) threads to every core: --threads 1 must mean one
+    import llama_cpp.llama_cpp as L
+
+    m = CompressedLlama(tiny_gguf, n_ctx=256, n_threads=1)
+    assert L.llama_n_threads(m.ctx) == 1 and L.llama_n_threads_batch(m.ctx) == 1
