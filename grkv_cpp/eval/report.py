@@ -148,9 +148,10 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
     by = defaultdict(dict)
     for r in results:
         by[(r["method"], r["ratio"], r["mode"])][(r["group"], r["qid"])] = r["score"]
-    if not any(m == a for m, _, _ in by) or not any(m == b for m, _, _ in by):
-        missing = [x for x in (a, b) if not any(m == x for m, _, _ in by)]
-        raise ValueError(f"no rows for method {', '.join(missing)} (have: {', '.join(sorted({m for m, _, _ in by}))})")
+    methods = {m for m, _, _ in by}
+    missing = [x for x in (a, b) if x not in methods]
+    if missing:
+        raise ValueError(f"no rows for method {', '.join(missing)} (have: {', '.join(sorted(methods))})")
     out = []
     for (m, ratio, mode), sa in sorted(by.items(), key=lambda kv: (kv[0][2], -kv[0][1])):
         kb = (b, 1.0 if b == "full" else ratio, mode)
