@@ -57,6 +57,21 @@ class PrefilledState:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChunkPrefix:
+    """A budgeted prefill stopped right before its first compression: the
+    cache of its first `n_chunks` chunks, all uncompressed, and the last
+    chunk's window queries. Every method and budget with the same tokens,
+    chunk and window passes through this state, so a sweep resumes here
+    instead of prefilling again (`compress_budgeted(prefixes=...)`)."""
+
+    blob: bytes
+    n_chunks: int
+    n_tokens: int
+    captured: list
+    prefill_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodePolicy:
     budget: int
     every: int
@@ -258,7 +273,8 @@ class CompressedLlama:
         return self.stats
 
     def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
-                          shared: bool = False, question: str | None = None, **params) -> Stats:
+                          shared: bool = False, question: str | None = None, prefixes: dict | None = None,
+                          **params) -> Stats:
         """Bounded-memory prefill: feed the context in chunks of `chunk` tokens
         and compress the cache back to `budget` cells after each chunk, so a
         context many times n_ctx runs in a cache of budget + chunk cells.
@@ -267,7 +283,13 @@ class CompressedLlama:
         `question`: score with the question's queries instead (query-aware,
         as LASER-KV): after each chunk the question is evaluated right after
         it, its queries captured and its cells removed again. `method="laser"`
-        selects LASER-KV's anchors + local window + global memory."""
+        selects LASER-KV's anchors + local window + global memory.
+        `prefixes` (a dict, query-agnostic only): until the first compression
+        the cache is the same for every method and budget, so the state just
+        before it is kept there (a `ChunkPrefix`) and a later call on the same
+        context resumes from the longest one that fits its budget; the result
+        is the same as a prefill from the start, and prefill_s counts the
+        prefix's time as if it had been prefilled again."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "budgeted prefill")
         if budget < 1 or chunk < 1:
@@ -282,10 +304,38 @@ class CompressedLlama:
             w_max = observation_window(m, merge)
             _require_window_fits(w_max, budget)
             self._reset()
-            t_prefill = t_compress = 0.0
-            n_compress = 0
+            t = {"prefill": 0.0, "compress": 0.0, "n": 0}
             self.budget_trace = []  # cells held after each chunk (after its compression)
-            for a in range(0, len(tokens), chunk):
+
+            def after_chunk(captured):
+                t0 = time.perf_counter()
+                if self._live > budget:
+                    res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
+                                         capture=self.capture, n_threads=self.n_threads, captured=captured)
+                    self._live = res.cells_after
+                    t["n"] += 1
+                self.budget_trace.append(self._live)
+                t["compress"] += time.perf_counter() - t0
+
+            starts = list(range(0, len(tokens), chunk))
+            # Until the first compression every chunk is kept whole, so the cache is the same for
+            # any method and budget; it comes after chunk `first`, the first to end past the budget.
+            first = next((i for i, a in enumerate(starts) if min(a + chunk, len(tokens)) > budget), None)
+            key = None
+            if prefixes is not None and q_tokens is None and first is not None:
+                key = (hash(tuple(tokens)), len(tokens), chunk, w_max)
+            i0 = 0
+            fits = [p for (k, _), p in prefixes.items() if k == key and p.n_chunks <= first + 1] if key else []
+            if fits:
+                p = max(fits, key=lambda p: p.n_chunks)
+                if not kvstate.set_blob(self.ctx, p.blob):
+                    raise GrkvError("llama.cpp rejected the saved chunk prefix")
+                self.llm.n_tokens = self._live = p.n_tokens
+                self.budget_trace = [min((j + 1) * chunk, len(tokens)) for j in range(p.n_chunks - 1)]
+                t["prefill"], i0 = p.prefill_s, p.n_chunks
+                after_chunk(p.captured)  # compresses when the prefix stopped right before the first compression
+            for i in range(i0, len(starts)):
+                a = starts[i]
                 piece = tokens[a: a + chunk]
                 w = min(w_max, len(piece))
                 t0 = time.perf_counter()
@@ -307,15 +357,12 @@ class CompressedLlama:
                         self._eval(piece[len(piece) - w:])
                 else:
                     self._eval(piece)
-                t1 = time.perf_counter()
-                if self._live > budget:
-                    res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
-                                         capture=self.capture, n_threads=self.n_threads, captured=captured)
-                    self._live = res.cells_after
-                    n_compress += 1
-                self.budget_trace.append(self._live)
-                t_prefill += t1 - t0
-                t_compress += time.perf_counter() - t1
+                t["prefill"] += time.perf_counter() - t0
+                if key is not None and i == first and (key, i + 1) not in prefixes:
+                    captured = captured_queries(self.capture, self.info) if w else []
+                    prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(self.ctx), i + 1, self.llm.n_tokens,
+                                                         captured, t["prefill"])
+                after_chunk(captured)
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         self._context_len = self.llm.n_tokens
         self._cells = state.part_info(0)["n_cells"]
@@ -326,7 +373,7 @@ class CompressedLlama:
                            # the compressed part as if it held every token; other parts (an iSWA
                            # model's window cache) are not compressed and count as they are
                            kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - self._cells) * per_cell,
-                           prefill_s=t_prefill, compress_s=t_compress, compressions=n_compress)
+                           prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"])
         self._memory_stats(kvstate.bytes_per_cell(state),
                            simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats

@@ -1,6 +1,7 @@
 """Bounded-memory prefill on the tiny model: a prompt several times n_ctx runs
 in a cache that never exceeds budget + chunk cells."""
 
+import dataclasses
 import json
 
 import pytest
@@ -94,3 +95,38 @@ def test_query_aware_budgeted_prefill(tiny_gguf, method):
     assert kvstate.pos_range(m.ctx)[1] == st.context_tokens - 1  # the question's cells are gone
     assert kvstate.parse(kvstate.get_blob(m.ctx)).part_info(0)["n_cells"] == 200
     m.ask("abc def", max_tokens=3)
+
+
+def test_shared_chunk_prefix_gives_the_same_cache(tiny_gguf):
+    """A sweep that resumes from the kept pre-compression prefix ends in the
+    same cache, trace and answer as prefills from the start, and evaluates
+    fewer tokens."""
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    ctx = CONTEXT[:3000]
+    n = len(m._tokens_for(ctx))
+    runs = [("snapkv", 200), ("snapkv", 300), ("snapkv+grkv", 200), ("snapkv+grkv", 300), ("snapkv", 260)]
+    fresh = []
+    for method, budget in runs:
+        st = m.compress_budgeted(ctx, budget=budget, chunk=128, method=method)
+        fresh.append((kvstate.get_blob(m.ctx), list(m.budget_trace), st.compressions, m.ask("abc", max_tokens=4)))
+    evaluated = []
+    orig = m._eval
+
+    def counting(tokens):
+        evaluated.append(len(tokens))
+        return orig(tokens)
+
+    m._eval = counting
+    prefixes = {}
+    for (method, budget), (blob, trace, n_comp, answer) in zip(runs, fresh):
+        evaluated.clear()
+        st = m.compress_budgeted(ctx, budget=budget, chunk=128, method=method, prefixes=prefixes)
+        assert sum(evaluated) < n or (method, budget) == runs[0]
+        assert kvstate.get_blob(m.ctx) == blob
+        assert (list(m.budget_trace), st.compressions) == (trace, n_comp)
+        assert st.prefill_s > 0 and m.ask("abc", max_tokens=4) == answer
+    assert sorted(p.n_chunks for p in prefixes.values()) == [2, 3]  # before the first compression at 200, 300
+    with pytest.raises(GrkvError):  # a rejected prefix is an error, not a silent fresh start
+        bad = {k: dataclasses.replace(p, blob=b"garbage") for k, p in prefixes.items()}
+        m.compress_budgeted(ctx, budget=300, chunk=128, method="snapkv", prefixes=bad)
+    assert m.ask("abc", max_tokens=4) == fresh[-1][3]  # the failure left the previous context in place

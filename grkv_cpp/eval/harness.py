@@ -5,7 +5,9 @@ Query-agnostic (default): each context is prefilled once with the full cache
 (`prefill_state`), and every method and kept ratio is applied to a restored
 copy; each question of the context's group is then asked against that same
 compressed cache. Budgeted variants (`snapkv@budget`) run their own chunked
-prefill, since compression happens inside it. Query-aware (`mode="aware"`):
+prefill, since compression happens inside it; up to their first compression
+it is the same for all of them, so that part is shared within the group
+(`compress_budgeted(prefixes=...)`; list ratios in rising order to share the most). Query-aware (`mode="aware"`):
 the question sits in the observation window, so each question costs a
 prefill. Results are appended as they come, and a rerun skips rows already
 written, so an interrupted run resumes.
@@ -199,6 +201,7 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
             if not pending:
                 continue
             state = []  # the group's full prefill, made on first need
+            prefixes = {}  # budgeted variants: chunked prefill up to the first compression
 
             def get_state(ctx=context):
                 if not state:
@@ -212,7 +215,8 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
                 if cfg.mode == "aware":
                     new = _aware(model, context, qs, qids, label, base, ratio, cfg, gi)
                 else:
-                    new = _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi)
+                    new = _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi,
+                                    prefixes)
                 for r in new:
                     r["model"] = model_name
                     r["device"] = getattr(model, "device", "cpu")
@@ -237,14 +241,14 @@ def _ask(model, q: dict, cfg: EvalConfig) -> str:
                      answer_prefix=q.get("answer_prefix", "") or "")
 
 
-def _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi) -> list[dict]:
+def _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi, prefixes) -> list[dict]:
     t0 = time.perf_counter()
     if base == "full":
         model.restore(get_state())
     elif budgeted:
         n = len(model._tokens_for(context))
         model.compress_budgeted(context, budget=max(1, round(ratio * n)), chunk=cfg.chunk, method=base,
-                                **_params(cfg, base))
+                                prefixes=prefixes, **_params(cfg, base))
     else:
         model.compress_state(get_state(), method=base, ratio=ratio, **_params(cfg, base))
     setup = time.perf_counter() - t0
