@@ -14,7 +14,7 @@ import llama_cpp.llama_cpp as L
 from . import kvstate
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
-from .errors import BadRequestError, GrkvError
+from .errors import BadRequestError, CompressionError, GrkvError, NativeError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .methods import Method, parse_method
@@ -289,7 +289,9 @@ class CompressedLlama:
         before it is kept there (a `ChunkPrefix`) and a later call on the same
         context resumes from the longest one that fits its budget; the result
         is the same as a prefill from the start, and prefill_s counts the
-        prefix's time as if it had been prefilled again."""
+        prefix's time as if it had been prefilled again (the caller's wall
+        clock does not). The dict holds one state blob per distinct first
+        compression: drop it when the context changes."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "budgeted prefill")
         if budget < 1 or chunk < 1:
@@ -323,7 +325,7 @@ class CompressedLlama:
             first = next((i for i, a in enumerate(starts) if min(a + chunk, len(tokens)) > budget), None)
             key = None
             if prefixes is not None and q_tokens is None and first is not None:
-                key = (hash(tuple(tokens)), len(tokens), chunk, w_max)
+                key = (id(self), tuple(tokens), chunk, w_max)  # a blob fits only the model that wrote it
             i0 = 0
             fits = [p for (k, _), p in prefixes.items() if k == key and p.n_chunks <= first + 1] if key else []
             if fits:
@@ -359,7 +361,10 @@ class CompressedLlama:
                     self._eval(piece)
                 t["prefill"] += time.perf_counter() - t0
                 if key is not None and i == first and (key, i + 1) not in prefixes:
-                    captured = captured_queries(self.capture, self.info) if w else []
+                    try:
+                        captured = captured_queries(self.capture, self.info) if w else []
+                    except NativeError as e:  # as compress_cache reports it on the fresh path
+                        raise CompressionError(f"no captured queries: {e}") from e
                     prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(self.ctx), i + 1, self.llm.n_tokens,
                                                          captured, t["prefill"])
                 after_chunk(captured)

@@ -130,3 +130,28 @@ def test_shared_chunk_prefix_gives_the_same_cache(tiny_gguf):
         bad = {k: dataclasses.replace(p, blob=b"garbage") for k, p in prefixes.items()}
         m.compress_budgeted(ctx, budget=300, chunk=128, method="snapkv", prefixes=bad)
     assert m.ask("abc", max_tokens=4) == fresh[-1][3]  # the failure left the previous context in place
+
+
+def test_chunk_prefix_is_kept_only_where_it_is_shared(tiny_gguf):
+    """Nothing is kept when the context fits the budget or the question scores
+    the chunks; another observation window is another prefix."""
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    ctx = CONTEXT[:3000]
+    prefixes = {}
+    m.compress_budgeted(ctx[:200], budget=256, chunk=128, method="snapkv", prefixes=prefixes)
+    m.compress_budgeted(ctx, budget=200, chunk=128, method="snapkv", question="abc def", prefixes=prefixes)
+    assert prefixes == {}
+    m.compress_budgeted(ctx, budget=200, chunk=128, method="snapkv", window_size=32, prefixes=prefixes)
+    m.compress_budgeted(ctx, budget=200, chunk=128, method="snapkv", window_size=16, prefixes=prefixes)
+    assert sorted(k[0][3] for k in prefixes) == [16, 32]
+    # the first compression after a short last chunk: resumed equals fresh
+    short = ctx[:400]
+    n = len(m._tokens_for(short))
+    budget = n - 5  # passed only by the last chunk, which is short
+    assert n % 128 and budget > n // 128 * 128
+    fresh = m.compress_budgeted(short, budget=budget, chunk=128, method="snapkv+grkv")
+    blob = kvstate.get_blob(m.ctx)
+    m.compress_budgeted(short, budget=budget, chunk=128, method="snapkv", prefixes=prefixes)
+    resumed = m.compress_budgeted(short, budget=budget, chunk=128, method="snapkv+grkv", prefixes=prefixes)
+    assert kvstate.get_blob(m.ctx) == blob and resumed.compressions == fresh.compressions == 1
+    assert len(prefixes) == 3  # the snapkv run kept the state before its one compression
