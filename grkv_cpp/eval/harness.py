@@ -7,9 +7,9 @@ copy; each question of the context's group is then asked against that same
 compressed cache. Budgeted variants (`snapkv@budget`) run their own chunked
 prefill, since compression happens inside it; up to their first compression
 it is the same for all of them, so that part is shared within the group
-(`compress_budgeted(prefixes=...)`; list ratios in rising order to share the most). Query-aware (`mode="aware"`):
-the question sits in the observation window, so each question costs a
-prefill. Results are appended as they come, and a rerun skips rows already
+(`compress_budgeted(prefixes=...)`; list ratios in rising order to share
+the most). Query-aware (`mode="aware"`): the question sits in the
+observation window, so each question costs a prefill. Results are appended as they come, and a rerun skips rows already
 written, so an interrupted run resumes.
 """
 
