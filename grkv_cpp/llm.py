@@ -54,6 +54,16 @@ class PrefilledState:
     prefill_s: float
     per_cell: list
     kv_bytes: int           # K/V bytes the full cache holds (all cache parts)
+    # Query-aware: the question's token count (its tokens, but the last, are in
+    # the cache and in the window) and that last token, decoded after
+    # compression so the answer's first token comes from the compressed cache.
+    question_tokens: int = 0
+    pending: tuple = ()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions the saved cache holds."""
+        return self.context_tokens + self.question_tokens - len(self.pending)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,64 +405,98 @@ class CompressedLlama:
 
     # ------------------------------------------------------ prefill once, sweep
     def prefill_state(self, context: str | None = None, *, tokens: Sequence[int] | None = None,
-                      window: int = 64) -> PrefilledState:
+                      window: int = 64, question: str | None = None, answer_prefix: str = "") -> PrefilledState:
         """Prefill `context` (with the chat template) or raw `tokens` (none)
         with the full cache and keep its state and the last `window` tokens'
         queries: `compress_state` then applies any method whose observation
         window is at most `window` to a restored copy, without prefilling
-        again."""
+        again.
+
+        With `question` the state is query-aware, as `compress(...,
+        question=...)` prefills it: the question follows the context and
+        the window widens to hold all of it; `compress_state` and `restore`
+        then leave the model ready for `generate()`, not `ask()`."""
         if (context is None) == (tokens is None):
             raise GrkvError("give a context or tokens")
+        if question is not None and context is None:
+            raise GrkvError("a query-aware state needs the context as text (the question follows its chat template)")
         if context is not None:
             tokens = self._tokens_for(context)
         else:
             tokens = list(tokens)
             self._format = None
-        self._check_room(len(tokens) + 1)
+        n_context = len(tokens)
+        pending: tuple = ()
+        if question is not None:
+            tokens = tokens + self._question_tokens(question, answer_prefix)
+            window = max(window, len(tokens) - n_context)
+            pending = (tokens.pop(),)
+        self._check_room(len(tokens) + len(pending) + 1)
         t0 = time.perf_counter()
         self._prefill(tokens, capture=min(window, len(tokens)))
         dt = time.perf_counter() - t0
         captured = captured_queries(self.capture, self.info)
         blob = kvstate.get_blob(self.ctx)
         state = kvstate.parse(blob)
-        return PrefilledState(blob, captured, window, len(tokens), state.part_info(0)["n_cells"], self._format, dt,
-                              kvstate.bytes_per_cell(state), kvstate.kv_bytes(state))
+        return PrefilledState(blob, captured, window, n_context, state.part_info(0)["n_cells"], self._format, dt,
+                              kvstate.bytes_per_cell(state), kvstate.kv_bytes(state),
+                              question_tokens=len(tokens) + len(pending) - n_context, pending=pending)
 
-    def restore(self, st: PrefilledState) -> Stats:
-        """Put a prefilled state back (the full cache), ready for ask()."""
+    def _put_state(self, st: PrefilledState):
         if not kvstate.set_blob(self.ctx, st.blob):
             raise GrkvError("llama.cpp rejected the saved state")
-        self.llm.n_tokens = self._context_len = st.context_tokens
+        self.llm.n_tokens = self._context_len = st.cached_tokens
         self._cells = self._live = st.cells
         self._format = st.fmt
         self._decode_since = 0
         self._gkv_hist = None
-        self.stats = Stats(method="full", context_tokens=st.context_tokens, kv_cells_before=st.cells,
-                           kv_cells_after=st.cells, kv_bytes_before=st.kv_bytes, kv_bytes_after=st.kv_bytes,
-                           prefill_s=st.prefill_s)
-        self._memory_stats(st.per_cell, simulate(st.context_tokens))
+
+    def _decode_pending(self, st: PrefilledState):
+        """A query-aware state's last prompt token, after any compression."""
+        if st.pending:
+            self._eval(st.pending)
+            self._context_len = self.llm.n_tokens
+            self._cells += len(st.pending)
+
+    def restore(self, st: PrefilledState) -> Stats:
+        """Put a prefilled state back (the full cache), ready for ask() (a
+        query-aware state: for generate())."""
+        self._put_state(st)
+        self._decode_pending(st)
+        self.stats = Stats(method="full", context_tokens=st.context_tokens, question_tokens=st.question_tokens,
+                           kv_cells_before=st.cells, kv_cells_after=st.cells, kv_bytes_before=st.kv_bytes,
+                           kv_bytes_after=st.kv_bytes, prefill_s=st.prefill_s)
+        self._memory_stats(st.per_cell, simulate(st.cached_tokens))
         return self.stats
 
     def compress_state(self, st: PrefilledState, *, method: str | Method = "snapkv", ratio: float | None = None,
                        budget: int | None = None, shared: bool = False, **params) -> Stats:
-        """Restore `st` and compress it (query-agnostic), as `compress` would
-        after its own prefill; prefill_s reports the shared prefill's time."""
+        """Restore `st` and compress it, as `compress` would after its own
+        prefill (query-aware if the state is: the whole question inside the
+        observation window); prefill_s reports the shared prefill's time."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "compress_state (stratified needs its own prefill)")
+        if st.question_tokens and m.needs_queries and st.question_tokens > m.window:
+            m = dataclasses.replace(m, window_size=st.question_tokens)
         need = observation_window(m, merge)
         if need > st.window:
             raise GrkvError(f"{m.name} needs the last {need} queries; the state kept {st.window}")
-        self.restore(st)
-        t0 = time.perf_counter()
-        res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
-                             captured=st.captured, n_threads=self.n_threads)
-        self._cells = self._live = res.cells_after
+        resolve_budget(st.cached_tokens, ratio, budget)  # bad arguments fail before the cache is replaced
+        with self._keep_context_on_failure():
+            self._put_state(st)
+            t0 = time.perf_counter()
+            res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
+                                 captured=st.captured, n_threads=self.n_threads)
+            self._cells = self._live = res.cells_after
+            t1 = time.perf_counter()
+            self._decode_pending(st)
         label = _label(m, merge, shared)
-        self.stats = Stats(method=label, context_tokens=st.context_tokens, merge_report=res.merge_report,
+        self.stats = Stats(method=label, context_tokens=st.context_tokens, question_tokens=st.question_tokens,
+                           merge_report=res.merge_report,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
-                           prefill_s=st.prefill_s, compress_s=time.perf_counter() - t0)
-        self._memory_stats(res.bytes_per_cell, simulate(st.context_tokens, budget=res.cells_after))
+                           prefill_s=st.prefill_s, compress_s=t1 - t0)
+        self._memory_stats(res.bytes_per_cell, simulate(st.cached_tokens, budget=res.cells_after))
         return self.stats
 
     def continuation_logits(self, tokens: Sequence[int]) -> np.ndarray:

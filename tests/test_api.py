@@ -129,3 +129,50 @@ def test_threads_cover_prefill_too(tiny_gguf):
 
     m = CompressedLlama(tiny_gguf, n_ctx=256, n_threads=1)
     assert L.llama_n_threads(m.ctx) == 1 and L.llama_n_threads_batch(m.ctx) == 1
+
+
+@pytest.mark.parametrize("method", ["snapkv", "snapkv+grkv", "full"])
+def test_query_aware_state_equals_a_fresh_query_aware_compress(tiny, method):
+    """One prefill of context + question, compressed from a restored copy,
+    gives the cache and the answer of compress(..., question=...)."""
+    q = "abc def ghi jkl mno pqr stu vwx abc def ghi jkl mno pqr stu vwx abc def ghi jkl mno pqr stu vwx abc def"
+    st = tiny.prefill_state(CONTEXT, window=32, question=q)
+    assert st.question_tokens > 32  # longer than SnapKV's window: the window widens to the whole question
+    assert st.window == st.question_tokens and st.cached_tokens == st.context_tokens + st.question_tokens - 1
+    if method == "full":
+        tiny.restore(st)
+        shared = "".join(tiny.generate(6)).strip()
+        tiny.compress(CONTEXT, method="knorm", ratio=1.0, question=q)  # keeps every cell: the full cache
+    else:
+        tiny.compress_state(st, method=method, ratio=0.5)
+        shared_stats = tiny.stats
+        shared = "".join(tiny.generate(6)).strip()
+        tiny.compress(CONTEXT, method=method, ratio=0.5, question=q)
+        assert shared_stats.kv_cells_after == tiny.stats.kv_cells_after
+        assert shared_stats.question_tokens == tiny.stats.question_tokens == st.question_tokens
+    fresh_blob = kvstate.get_blob(tiny.ctx)
+    fresh = "".join(tiny.generate(6)).strip()
+    assert shared == fresh
+    (tiny.restore(st) if method == "full" else tiny.compress_state(st, method=method, ratio=0.5))
+    assert kvstate.get_blob(tiny.ctx) == fresh_blob
+
+
+def test_query_aware_state_errors_keep_the_context(tiny, monkeypatch):
+    with pytest.raises(GrkvError, match="context as text"):
+        tiny.prefill_state(tokens=[1, 2, 3], question="abc")
+    st = tiny.prefill_state(CONTEXT, window=16, question="abc")
+    tiny.compress(CONTEXT, method="knorm", ratio=0.5)
+    before = (kvstate.get_blob(tiny.ctx), tiny._context_len)
+    with pytest.raises(GrkvError, match="needs the last 32 queries"):
+        tiny.compress_state(st, method="snapkv", ratio=0.5)  # window 32 > the 16 kept
+    with pytest.raises(BadRequestError):
+        tiny.compress_state(st, method="knorm", ratio=1.5)
+    assert (kvstate.get_blob(tiny.ctx), tiny._context_len) == before
+
+    def broken(*a, **k):
+        raise CompressionError("injected")
+
+    monkeypatch.setattr("grkv_cpp.llm.compress_cache", broken)  # fails after the state was put back
+    with pytest.raises(CompressionError, match="injected"):
+        tiny.compress_state(st, method="knorm", ratio=0.5)
+    assert (kvstate.get_blob(tiny.ctx), tiny._context_len) == before

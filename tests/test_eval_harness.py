@@ -103,6 +103,25 @@ def test_summary_and_plots(tiny, tmp_path):
     assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_query_aware_mode_one_prefill_per_question(tiny, tmp_path, monkeypatch):
+    rows = dataset(2, 2)
+    calls = []
+    orig = tiny.prefill_state
+    monkeypatch.setattr(tiny, "prefill_state", lambda *a, **k: calls.append(k.get("question")) or orig(*a, **k))
+    cfg = EvalConfig(methods=["full", "snapkv", "snapkv+grkv", "knorm"], ratios=[0.5, 0.9], mode="aware")
+    res = run_eval(tiny, rows, cfg, tmp_path / "r.jsonl", progress=False)
+    assert len(res) == len(rows) * (1 + 3 * 2) and {r["mode"] for r in res} == {"aware"}
+    assert calls == [r["question"] for r in rows]  # one prefill per question, shared by its 7 runs
+    for r in res:  # each answer is the one a fresh query-aware compression gives
+        q = rows[2 * r["group"] + r["qid"]]
+        if r["method"] == "full":
+            continue
+        fresh = tiny.answer_query_aware(q["context"], q["question"], method=r["method"], ratio=r["ratio"],
+                                        max_tokens=q["max_new_tokens"])
+        assert r["prediction"] == fresh, r
+        assert r["kv_cells"] == tiny.stats.kv_cells_after
+
+
 def test_query_aware_mode_and_bad_input(tiny, tmp_path):
     res = run_eval(tiny, dataset(1, 1), EvalConfig(methods=["snapkv"], ratios=[0.5], mode="aware"),
                    tmp_path / "r.jsonl", progress=False)

@@ -9,8 +9,9 @@ prefill, since compression happens inside it; up to their first compression
 it is the same for all of them, so that part is shared within the group
 (`compress_budgeted(prefixes=...)`; list ratios in rising order to share
 the most). Query-aware (`mode="aware"`): the question sits in the
-observation window, so each question costs a prefill. Results are appended as they come, and a rerun skips rows already
-written, so an interrupted run resumes.
+observation window, so each question costs a prefill, shared by all its
+methods and ratios. Results are appended as they come, and a rerun skips
+rows already written, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -208,12 +209,25 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
                     state.append(model.prefill_state(ctx, window=cfg.window))
                 return state[0]
 
-            for label, base, ratio, budgeted in runs:
-                qids = [qi for (run, qi) in pending if run[0] == label and run[2] == ratio]
+            if cfg.mode == "aware":
+                # the question is part of the prefill: one per question, shared by its methods and ratios
+                batches = [(run, [qi]) for qi in range(len(qs)) for run in runs if (run, qi) in pending]
+            else:
+                batches = [(run, [qi for (r, qi) in pending if r == run]) for run in runs]
+            qstate = {}  # query-aware: the current question's prefill
+
+            def get_qstate(qi, ctx=context, qs=qs):
+                if qi not in qstate:
+                    qstate.clear()  # questions come one after another: keep one state
+                    qstate[qi] = model.prefill_state(ctx, window=cfg.window, question=qs[qi]["question"],
+                                                     answer_prefix=qs[qi].get("answer_prefix", "") or "")
+                return qstate[qi]
+
+            for (label, base, ratio, budgeted), qids in batches:
                 if not qids:
                     continue
                 if cfg.mode == "aware":
-                    new = _aware(model, context, qs, qids, label, base, ratio, cfg, gi)
+                    new = _aware(model, qs[qids[0]], qids[0], label, base, ratio, cfg, gi, get_qstate)
                 else:
                     new = _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state, cfg, gi,
                                     prefixes)
@@ -261,19 +275,16 @@ def _agnostic(model, context, qs, qids, label, base, ratio, budgeted, get_state,
     return out
 
 
-def _aware(model, context, qs, qids, label, base, ratio, cfg, gi) -> list[dict]:
-    out = []
-    for qi in qids:
-        q = qs[qi]
-        t0 = time.perf_counter()
-        mx = int(q.get("max_new_tokens") or cfg.default_max_new_tokens)
-        if base == "full":
-            model.prefill(context)
-            pred = _ask(model, q, cfg)
-        else:
-            if "@" in label:
-                raise ValueError("budgeted variants run query-agnostic only in the harness")
-            pred = model.answer_query_aware(context, q["question"], method=base, ratio=ratio, max_tokens=mx,
-                                            answer_prefix=q.get("answer_prefix", "") or "", **_params(cfg, base))
-        out.append(_row(q, gi, qi, label, ratio, "aware", pred, model.stats, time.perf_counter() - t0))
-    return out
+def _aware(model, q, qi, label, base, ratio, cfg, gi, get_qstate) -> list[dict]:
+    """One question inside the observation window: compress its own prefill
+    (context + question, shared by its methods and ratios), then answer."""
+    if "@" in label:
+        raise ValueError("budgeted variants run query-agnostic only in the harness")
+    t0 = time.perf_counter()
+    st = get_qstate(qi)
+    if base == "full":
+        model.restore(st)
+    else:
+        model.compress_state(st, method=base, ratio=ratio, **_params(cfg, base))
+    pred = "".join(model.generate(int(q.get("max_new_tokens") or cfg.default_max_new_tokens))).strip()
+    return [_row(q, gi, qi, label, ratio, "aware", pred, model.stats, time.perf_counter() - t0)]
