@@ -432,6 +432,10 @@ class CompressedLlama:
             window = max(window, len(tokens) - n_context)
             pending = (tokens.pop(),)
         self._check_room(len(tokens) + len(pending) + 1)
+        # The cache is about to be overwritten: no context until restore() or
+        # compress_state() (ask() would otherwise trust the last one's lengths).
+        self._context_len = self._cells = 0
+        self.stats = Stats()
         t0 = time.perf_counter()
         self._prefill(tokens, capture=min(window, len(tokens)))
         dt = time.perf_counter() - t0
@@ -450,6 +454,7 @@ class CompressedLlama:
         self._format = st.fmt
         self._decode_since = 0
         self._gkv_hist = None
+        self.decode_trace = []
 
     def _decode_pending(self, st: PrefilledState):
         """A query-aware state's last prompt token, after any compression."""

@@ -141,15 +141,18 @@ def test_query_aware_state_equals_a_fresh_query_aware_compress(tiny, method):
     assert st.window == st.question_tokens and st.cached_tokens == st.context_tokens + st.question_tokens - 1
     if method == "full":
         tiny.restore(st)
+        books = (tiny._cells, tiny._context_len, tiny.llm.n_tokens)
         shared = "".join(tiny.generate(6)).strip()
         tiny.compress(CONTEXT, method="knorm", ratio=1.0, question=q)  # keeps every cell: the full cache
     else:
         tiny.compress_state(st, method=method, ratio=0.5)
+        books = (tiny._cells, tiny._context_len, tiny.llm.n_tokens)
         shared_stats = tiny.stats
         shared = "".join(tiny.generate(6)).strip()
         tiny.compress(CONTEXT, method=method, ratio=0.5, question=q)
         assert shared_stats.kv_cells_after == tiny.stats.kv_cells_after
         assert shared_stats.question_tokens == tiny.stats.question_tokens == st.question_tokens
+    assert books == (tiny._cells, tiny._context_len, tiny.llm.n_tokens)  # the pending token counted alike
     fresh_blob = kvstate.get_blob(tiny.ctx)
     fresh = "".join(tiny.generate(6)).strip()
     assert shared == fresh
@@ -176,3 +179,9 @@ def test_query_aware_state_errors_keep_the_context(tiny, monkeypatch):
     with pytest.raises(CompressionError, match="injected"):
         tiny.compress_state(st, method="knorm", ratio=0.5)
     assert (kvstate.get_blob(tiny.ctx), tiny._context_len) == before
+    # right after a prefill the cache holds no answerable context: a failure leaves none, not a stale one
+    st = tiny.prefill_state(CONTEXT, window=16, question="abc")
+    with pytest.raises(CompressionError, match="injected"):
+        tiny.compress_state(st, method="knorm", ratio=0.5)
+    with pytest.raises(GrkvError, match="call compress"):
+        tiny.ask("abc")

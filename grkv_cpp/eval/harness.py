@@ -12,6 +12,10 @@ the most). Query-aware (`mode="aware"`): the question sits in the
 observation window, so each question costs a prefill, shared by all its
 methods and ratios. Results are appended as they come, and a rerun skips
 rows already written, so an interrupted run resumes.
+
+A row's `seconds` is the wall time it cost: a shared prefill is paid by the
+first row that needs it (after a resume, whichever that is), while
+`prefill_s` reports that prefill's time on every row that used it.
 """
 
 from __future__ import annotations
