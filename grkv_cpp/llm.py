@@ -33,6 +33,13 @@ def _require_window_queries(merge, what: str):
         raise GrkvError(f"{what} supports GRKV's window queries only")
 
 
+def _widen_to_question(m: Method, n_question: int) -> Method:
+    """Query-aware: the whole question sits inside the observation window."""
+    if n_question and m.needs_queries and n_question > m.window:
+        return dataclasses.replace(m, window_size=n_question)
+    return m
+
+
 def _require_window_fits(window: int, budget: int):
     """The protected window is always kept: a smaller budget cannot hold it."""
     if window > budget:
@@ -254,9 +261,7 @@ class CompressedLlama:
             if question is not None:
                 tokens = tokens + self._question_tokens(question, answer_prefix)
             self._check_room(len(tokens) + 1)
-            if question is not None and m.needs_queries and len(tokens) - n_ctx_tokens > m.window:
-                # query-aware: the whole question sits inside the observation window
-                m = dataclasses.replace(m, window_size=len(tokens) - n_ctx_tokens)
+            m = _widen_to_question(m, len(tokens) - n_ctx_tokens)
             # Query-aware: the last token is decoded after compression, so the
             # first answer token comes from the compressed cache.
             body = tokens if question is None else tokens[:-1]
@@ -481,8 +486,7 @@ class CompressedLlama:
         observation window); prefill_s reports the shared prefill's time."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "compress_state (stratified needs its own prefill)")
-        if st.question_tokens and m.needs_queries and st.question_tokens > m.window:
-            m = dataclasses.replace(m, window_size=st.question_tokens)
+        m = _widen_to_question(m, st.question_tokens)
         need = observation_window(m, merge)
         if need > st.window:
             raise GrkvError(f"{m.name} needs the last {need} queries; the state kept {st.window}")
