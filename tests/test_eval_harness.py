@@ -209,6 +209,42 @@ def test_complete_groups_drops_a_half_done_group_and_report_resummarises(tmp_pat
         report_main([str(tmp_path / "nothing")])
 
 
+def test_report_reads_several_folders_as_one_run_and_filters_device(tmp_path, capsys):
+    from grkv_cpp.eval.report import main as report_main
+
+    def row(g, method, ratio, score, device="cpu"):
+        return dict(group=g, qid=0, task="t", method=method, ratio=ratio, mode="agnostic", score=score,
+                    seconds=2.0 + g, prefill_s=1.0, compress_s=0.5, decode_s=0.5, model="m", device=device)
+
+    main_dir, bud_dir, out = tmp_path / "main", tmp_path / "bud", tmp_path / "out"
+    main_dir.mkdir(), bud_dir.mkdir()
+    # group 0 ran on the GPU in the main sweep; group 2 has no budgeted row yet
+    main_rows = [row(0, "snapkv", 0.5, 100.0, "gpu"), row(1, "snapkv", 0.5, 0.0), row(2, "snapkv", 0.5, 100.0),
+                 row(1, "knorm", 0.5, 100.0)]
+    bud_rows = [row(0, "snapkv@budget", 0.5, 100.0), row(1, "snapkv@budget", 0.5, 100.0)]
+    (main_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in main_rows))
+    (bud_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bud_rows))
+    for d in (main_dir, bud_dir):
+        (d / "run.json").write_text(json.dumps({"data": "abc"}))
+
+    report_main([str(bud_dir), str(main_dir), "--methods", "snapkv,snapkv@budget", "--device", "cpu",
+                 "--complete-groups", "--out", str(out), "--paired", "snapkv@budget:snapkv", "--times"])
+    printed = capsys.readouterr().out
+    assert "1 contexts, 2 rows" in printed  # group 0 (GPU) and group 2 (unfinished) left out, knorm filtered
+    assert "| snapkv@budget | snapkv | 0.5 | agnostic | 1 | +100.0 |" in printed
+    assert "| snapkv | 0.5 | agnostic | 1 | 3.0 | 1.0 | 0.5 | 0.5 |" in printed  # median times of group 1
+    assert "t,snapkv@budget,0.5,100.0,1" in (out / "summary.csv").read_text()
+    assert not (bud_dir / "summary.csv").exists()  # --out, not the first folder
+
+    with pytest.raises(SystemExit, match="--out"):
+        report_main([str(bud_dir), str(main_dir)])
+    with pytest.raises(SystemExit, match="no rows for streaming"):
+        report_main([str(bud_dir), "--methods", "streaming"])
+    (main_dir / "run.json").write_text(json.dumps({"data": "def"}))
+    with pytest.raises(SystemExit, match="different data files"):
+        report_main([str(bud_dir), str(main_dir), "--out", str(out)])
+
+
 def test_paired_difference_and_interval():
     from grkv_cpp.eval.report import paired
 

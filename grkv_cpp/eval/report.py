@@ -4,6 +4,11 @@ as CSV and Markdown, and score-against-ratio plots.
     python -m grkv_cpp.eval.report RUN_DIR [--complete-groups]
 
 re-summarises a run folder (every shard's results file) without asking anything.
+Several folders run on the same data file (say the budgeted variants, run
+later into their own folder, beside the main sweep) are read as one run:
+
+    python -m grkv_cpp.eval.report BUDGET_DIR MAIN_DIR --methods snapkv,snapkv@budget \
+        --device cpu --complete-groups --out DIR --paired snapkv@budget:snapkv --times
 """
 
 from __future__ import annotations
@@ -183,32 +188,108 @@ def paired_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def same_device(results: list[dict], device: str) -> list[dict]:
+    """Rows of the context groups whose every row ran on `device` (`cpu`,
+    `gpu`): a paired difference across backends would mix in their rounding."""
+    other = {r["group"] for r in results if r.get("device", "cpu") != device}
+    return [r for r in results if r["group"] not in other]
+
+
+def times(results: list[dict]) -> list[dict]:
+    """Median wall time per question and its parts (prefill, compression,
+    decode) per (mode, method, ratio)."""
+    import numpy as np
+
+    by = defaultdict(list)
+    for r in results:
+        by[(r["mode"], r["method"], float(r["ratio"]))].append(r)
+    out = []
+    for (mode, method, ratio), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        med = {f: float(np.median([float(r.get(f, 0.0)) for r in rs]))
+               for f in ("seconds", "prefill_s", "compress_s", "decode_s")}
+        out.append(dict(mode=mode, method=method, ratio=ratio, n=len(rs), **med))
+    return out
+
+
+def times_markdown(rows: list[dict]) -> str:
+    lines = ["| method | kept | mode | questions | seconds | prefill_s | compress_s | decode_s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['seconds']:.1f} | "
+                     f"{r['prefill_s']:.1f} | {r['compress_s']:.1f} | {r['decode_s']:.1f} |")
+    return ("Median per question, seconds (`seconds`: the wall time the row cost, a shared prefill paid "
+            "once; `prefill_s` counts a shared prefill in every row).\n\n" + "\n".join(lines) + "\n")
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict]:
+    """Rows of one or more run folders. Folders must come from the same data
+    file (their manifests' digests agree), since rows are keyed by group index."""
+    import json
+
+    from .harness import MANIFEST, dedupe, load_run, results_files
+
+    digests = {}
+    for d in run_dirs:
+        if not results_files(d):
+            raise SystemExit(f"no results*.jsonl in {d}")
+        m = Path(d) / MANIFEST
+        if m.exists():
+            digests[str(d)] = json.loads(m.read_text()).get("data")
+    if len(set(digests.values())) > 1:
+        raise SystemExit("run folders come from different data files: "
+                         + ", ".join(f"{d} ({h[:12]})" for d, h in digests.items()))
+    if len(run_dirs) == 1:
+        return load_run(run_dirs[0])
+    return dedupe([r for d in run_dirs for r in load_run(d)], " + ".join(map(str, run_dirs)))
+
+
 def main(argv=None):
     import argparse
 
-    from .harness import complete_groups, load_run, results_files
+    from .harness import complete_groups
 
-    ap = argparse.ArgumentParser(description="Summarise a `grkv-cpp eval` folder (summary.csv/.md, plots).")
-    ap.add_argument("run_dir", type=Path)
+    ap = argparse.ArgumentParser(description="Summarise `grkv-cpp eval` folders (summary.csv/.md, plots).")
+    ap.add_argument("run_dirs", type=Path, nargs="+", metavar="run_dir",
+                    help="one run folder, or several run on the same data file, read as one run")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated: only these methods (applied before --complete-groups)")
+    ap.add_argument("--device", default=None, help="only context groups whose every row ran on this device (cpu, gpu)")
     ap.add_argument("--complete-groups", action="store_true",
                     help="only context groups that every method and ratio finished (a stopped run)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where summary.csv/.md and plots go (default: the run folder; required with several)")
     ap.add_argument("--paired", action="append", default=[], metavar="A:B",
                     help="also print method A minus method B per ratio on the same questions, with a "
                          "95%% bootstrap interval and a sign-flip p-value (repeatable), e.g. snapkv+grkv:snapkv")
+    ap.add_argument("--times", action="store_true", help="also print median seconds per question and their parts")
     a = ap.parse_args(argv)
-    files = results_files(a.run_dir)
-    if not files:
-        raise SystemExit(f"no results*.jsonl in {a.run_dir}")
-    results = load_run(a.run_dir)
+    if a.out is None and len(a.run_dirs) > 1:
+        raise SystemExit("several run folders: say where the summary goes with --out")
+    results = load_runs(a.run_dirs)
+    if a.methods:
+        keep = {m.strip() for m in a.methods.split(",") if m.strip()}
+        unknown = keep - {r["method"] for r in results}
+        if unknown:
+            raise SystemExit(f"--methods: no rows for {', '.join(sorted(unknown))}")
+        results = [r for r in results if r["method"] in keep]
+    if a.device:
+        results = same_device(results, a.device)
     if a.complete_groups:
         results = complete_groups(results)
-    print(markdown(write_all(results, a.run_dir)))
+    if not results:
+        raise SystemExit("no rows left after the filters")
+    out = a.out or a.run_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{len({r['group'] for r in results})} contexts, {len(results)} rows\n")
+    print(markdown(write_all(results, out)))
     for pair in a.paired:
         ma, _, mb = pair.partition(":")
         try:
             print(paired_markdown(paired(results, ma, mb)))
         except ValueError as e:
             raise SystemExit(f"--paired {pair}: {e}")
+    if a.times:
+        print(times_markdown(times(results)))
 
 
 if __name__ == "__main__":
