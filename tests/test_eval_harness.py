@@ -263,6 +263,19 @@ def test_paired_difference_and_interval():
         paired(rows, "a", "c")
 
 
+def test_paired_across_modes():
+    from grkv_cpp.eval.report import paired
+
+    rows = [dict(group=g, qid=0, method="snapkv", ratio=0.5, mode=mode, score=100.0 * (mode == "aware" or g < 1))
+            for g in range(4) for mode in ("aware", "agnostic")]
+    # same mode on both sides unless pinned: each mode against itself
+    assert [(p["mode"], p["diff"]) for p in paired(rows, "snapkv", "snapkv")] == [("agnostic", 0.0), ("aware", 0.0)]
+    (p,) = paired(rows, "snapkv/aware", "snapkv/agnostic")
+    assert p["mode"] == "aware − agnostic" and p["diff"] == 75.0 and (p["a_better"], p["b_better"]) == (3, 0)
+    with pytest.raises(ValueError, match="no rows for method knorm"):
+        paired(rows, "knorm/aware", "snapkv/agnostic")
+
+
 def test_sign_flip_p_matches_the_exact_binomial_on_wins_and_losses():
     from math import comb
 

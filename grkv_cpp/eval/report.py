@@ -147,9 +147,11 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
     answered (the same contexts): mean score difference over questions, a 95%
     bootstrap interval over questions, a sign-flip p-value, and how many
     questions each one won. `b` may be `full` (its one ratio, 1.0, against
-    each of `a`'s)."""
+    each of `a`'s). `method/mode` pins a side to one mode, so that
+    `snapkv/aware:snapkv/agnostic` compares the two protocols."""
     import numpy as np
 
+    (a, a_mode), (b, b_mode) = (x.partition("/")[::2] for x in (a, b))
     by = defaultdict(dict)
     for r in results:
         by[(r["method"], r["ratio"], r["mode"])][(r["group"], r["qid"])] = r["score"]
@@ -159,9 +161,11 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
         raise ValueError(f"no rows for method {', '.join(missing)} (have: {', '.join(sorted(methods))})")
     out = []
     for (m, ratio, mode), sa in sorted(by.items(), key=lambda kv: (kv[0][2], -kv[0][1])):
-        kb = (b, 1.0 if b == "full" else ratio, mode)
-        if m != a or kb not in by:
+        kb = (b, 1.0 if b == "full" else ratio, b_mode or mode)
+        if m != a or (a_mode and mode != a_mode) or kb not in by:
             continue
+        if kb[2] != mode:
+            mode = f"{mode} − {kb[2]}"
         sb = by[kb]
         keys = sorted(set(sa) & set(sb))
         if not keys:
