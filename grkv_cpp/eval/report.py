@@ -183,13 +183,17 @@ def _p(p: float) -> str:
     return f"{p:.2f}" if p >= 0.01 else "<0.01"
 
 
-def paired_markdown(rows: list[dict]) -> str:
-    lines = ["| A | B | kept | mode | questions | A − B | 95% CI | p | A better | B better |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['a']} | {r['b']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['diff']:+.1f} | "
-                     f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {_p(r['p'])} | {r['a_better']} | {r['b_better']} |")
+def _md_table(head: list[str], cells: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, c)) + " |" for c in cells]
     return "\n".join(lines) + "\n"
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    return _md_table(["A", "B", "kept", "mode", "questions", "A − B", "95% CI", "p", "A better", "B better"],
+                     [[r["a"], r["b"], f"{r['ratio']:g}", r["mode"], r["n"], f"{r['diff']:+.1f}",
+                       f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]", _p(r["p"]), r["a_better"], r["b_better"]]
+                      for r in rows])
 
 
 def same_device(results: list[dict], device: str) -> list[dict]:
@@ -216,13 +220,12 @@ def times(results: list[dict]) -> list[dict]:
 
 
 def times_markdown(rows: list[dict]) -> str:
-    lines = ["| method | kept | mode | questions | seconds | prefill_s | compress_s | decode_s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['mode']} | {r['n']} | {r['seconds']:.1f} | "
-                     f"{r['prefill_s']:.1f} | {r['compress_s']:.1f} | {r['decode_s']:.1f} |")
+    parts = ("seconds", "prefill_s", "compress_s", "decode_s")
+    table = _md_table(["method", "kept", "mode", "questions", *parts],
+                      [[r["method"], f"{r['ratio']:g}", r["mode"], r["n"], *(f"{r[f]:.1f}" for f in parts)]
+                       for r in rows])
     return ("Median per question, seconds (`seconds`: the wall time the row cost, a shared prefill paid "
-            "once; `prefill_s` counts a shared prefill in every row).\n\n" + "\n".join(lines) + "\n")
+            "once; `prefill_s` counts a shared prefill in every row).\n\n" + table)
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
