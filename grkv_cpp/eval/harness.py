@@ -120,14 +120,20 @@ def data_digest(rows: list[dict]) -> str:
     return h.hexdigest()
 
 
+def read_manifest(out_dir: Path) -> dict | None:
+    """A run folder's identity, or None for a folder written before manifests."""
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_manifest(out_dir: Path, manifest: dict):
     """Write the run's identity (data, model, settings that change answers)
     beside its results, or refuse to resume a folder written with another."""
     from ..errors import BadRequestError
 
     path = Path(out_dir) / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())
+    old = read_manifest(out_dir)
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
         if diff:
             raise BadRequestError(f"{out_dir} holds results of another run ({MANIFEST} differs: "

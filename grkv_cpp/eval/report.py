@@ -164,8 +164,7 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
         kb = (b, 1.0 if b == "full" else ratio, b_mode or mode)
         if m != a or (a_mode and mode != a_mode) or kb not in by:
             continue
-        if kb[2] != mode:
-            mode = f"{mode} − {kb[2]}"
+        label = mode if kb[2] == mode else f"{mode} − {kb[2]}"
         sb = by[kb]
         keys = sorted(set(sa) & set(sb))
         if not keys:
@@ -173,7 +172,7 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
         d = np.array([sa[k] - sb[k] for k in keys], dtype=np.float64)
         idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
         lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
-        out.append(dict(a=a, b=b, ratio=ratio, mode=mode, n=len(d), diff=float(d.mean()), ci_low=float(lo),
+        out.append(dict(a=a, b=b, ratio=ratio, mode=label, n=len(d), diff=float(d.mean()), ci_low=float(lo),
                         ci_high=float(hi), p=sign_flip_p(d, seed=seed), a_better=int((d > 0).sum()),
                         b_better=int((d < 0).sum())))
     return out
@@ -231,22 +230,18 @@ def times_markdown(rows: list[dict]) -> str:
 def load_runs(run_dirs: list[Path]) -> list[dict]:
     """Rows of one or more run folders. Folders must come from the same data
     file (their manifests' digests agree), since rows are keyed by group index."""
-    import json
-
-    from .harness import MANIFEST, dedupe, load_run, results_files
+    from .harness import dedupe, load_run, read_manifest, results_files
 
     digests = {}
     for d in run_dirs:
         if not results_files(d):
             raise SystemExit(f"no results*.jsonl in {d}")
-        m = Path(d) / MANIFEST
-        if m.exists():
-            digests[str(d)] = json.loads(m.read_text()).get("data")
+        manifest = read_manifest(d)
+        if manifest is not None:  # folders from before manifests cannot be checked
+            digests[str(d)] = manifest.get("data")
     if len(set(digests.values())) > 1:
         raise SystemExit("run folders come from different data files: "
                          + ", ".join(f"{d} ({h[:12]})" for d, h in digests.items()))
-    if len(run_dirs) == 1:
-        return load_run(run_dirs[0])
     return dedupe([r for d in run_dirs for r in load_run(d)], " + ".join(map(str, run_dirs)))
 
 
