@@ -50,9 +50,29 @@ std::vector<LayerQueries> to_queries(const py::list & qs) {
         LayerQueries lq;
         lq.q.assign(q.data(), q.data() + q.size());
         lq.qpos.assign(qp.data(), qp.data() + qp.size());
+        if (tup.size() >= 4) {  // reconstruct: (q, qpos, re-read keys, chunk of each query)
+            auto rk = tup[2].cast<carray<float>>();
+            auto qc = tup[3].cast<carray<int32_t>>();
+            lq.rk.assign(rk.data(), rk.data() + rk.size());
+            lq.qchunk.assign(qc.data(), qc.data() + qc.size());
+        }
         out.push_back(std::move(lq));
     }
     return out;
+}
+
+// The context scorers' settings: ContextParams and RopeParams as bound
+// objects, and the re-read chunks' token ranges [(lo, hi), ...].
+void set_context(MethodParams & m, py::object ctx, py::object rope, py::object chunks) {
+    if (!ctx.is_none()) m.ctx = ctx.cast<ContextParams>();
+    if (!rope.is_none()) m.rope = rope.cast<RopeParams>();
+    if (!chunks.is_none()) {
+        for (auto item : chunks) {
+            auto pr = item.cast<std::pair<int32_t, int32_t>>();
+            m.chunk_lo.push_back(pr.first);
+            m.chunk_hi.push_back(pr.second);
+        }
+    }
 }
 
 MethodParams method_params(const std::string & name, int kernel, int n_sink, float alpha = 0.8f,
@@ -143,25 +163,33 @@ PYBIND11_MODULE(_native, m) {
              }, py::arg("part"), py::arg("layer"))
         .def("scores",
              [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
-                int n_head_kv, float scale, const py::list & queries, int n_threads) {
+                int n_head_kv, float scale, const py::list & queries, int n_threads, py::object ctx, py::object rope,
+                py::object chunks) {
                  auto q = to_queries(queries);
+                 MethodParams mp = method_params(method, kernel, n_sink);
+                 set_context(mp, ctx, rope, chunks);
                  py::gil_scoped_release nogil;
                  StreamView v(active(s, part));
-                 auto sc = score_layers(v, method_params(method, kernel, n_sink), ModelShape{n_head, n_head_kv, scale}, q,
-                                        n_threads);
+                 auto sc = score_layers(v, mp, ModelShape{n_head, n_head_kv, scale}, q, n_threads);
                  py::gil_scoped_acquire gil;
                  return scores_to_numpy(sc);
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
-             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1)
+             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1,
+             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none())
         .def("compress",
              [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
                 const std::string & merge, float lambda, float cap_v, float cap_k, int steps, bool update_k,
                 float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
-                float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor) {
+                float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
+                py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
+                float headwise_alpha) {
                  CompressRequest req;
+                 req.headwise = headwise;
+                 req.headwise_alpha = headwise_alpha;
                  req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold, protect_divisor);
+                 set_context(req.method, ctx, rope, chunks);
                  if (!history.is_none()) {  // [L][n_head_kv][n_cells]
                      auto h = history.cast<carray<float>>();
                      if (h.ndim() != 3) throw Error("history must be [n_layer, n_head_kv, n_cells]");
@@ -208,8 +236,12 @@ PYBIND11_MODULE(_native, m) {
                  rep["obj_v"] = out.report.obj_v;
                  rep["obj_kv"] = out.report.obj_kv;
                  rep["n_mutable"] = out.report.n_mutable;
-                 if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, budget});
-                 return py::make_tuple(to_numpy(std::move(out.keep), {L, n_head_kv, budget}), rep);
+                 const int slots = out.slots;
+                 if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, slots});
+                 if (!out.headwise_count.empty()) {
+                     rep["headwise_count"] = to_numpy(std::move(out.headwise_count), {L, n_head_kv});
+                 }
+                 return py::make_tuple(to_numpy(std::move(out.keep), {L, n_head_kv, slots}), rep);
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
              py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared"),
@@ -217,8 +249,74 @@ PYBIND11_MODULE(_native, m) {
              py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
              py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
              py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
-             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4)
+             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
+             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
+             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f)
         ;
+
+    py::class_<ContextParams>(m, "ContextParams")
+        .def(py::init<>())
+        .def_readwrite("n_sink", &ContextParams::n_sink)
+        .def_readwrite("n_recent", &ContextParams::n_recent)
+        .def_readwrite("n_future", &ContextParams::n_future)
+        .def_readwrite("next_pos", &ContextParams::next_pos)
+        .def_readwrite("eps", &ContextParams::eps)
+        .def_readwrite("use_cov", &ContextParams::use_cov)
+        .def_readwrite("chunk", &ContextParams::chunk)
+        .def_readwrite("beta", &ContextParams::beta)
+        .def_readwrite("ridge", &ContextParams::ridge)
+        .def_readwrite("chunk_scale", &ContextParams::chunk_scale);
+    py::class_<RopeParams>(m, "RopeParams")
+        .def(py::init([](int n_rot, float base, float scale, bool neox) { return RopeParams{n_rot, base, scale, neox}; }),
+             py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale") = 1.0f, py::arg("neox") = false)
+        .def_readwrite("n_rot", &RopeParams::n_rot)
+        .def_readwrite("freq_base", &RopeParams::freq_base)
+        .def_readwrite("freq_scale", &RopeParams::freq_scale)
+        .def_readwrite("neox", &RopeParams::neox);
+
+    // One layer of a context scorer on plain arrays (the torch reference tests):
+    // k, v [T, n_head_kv, d]; q [w, n_head, d]; reconstruct adds rk [w, n_head_kv, d],
+    // qchunk [w] and chunks [(lo, hi)].
+    m.def("score_context_layer",
+          [](const std::string & method, carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos,
+             int n_head, float scale, const ContextParams & p, const RopeParams & rope, py::object v, py::object rk,
+             py::object qchunk, py::object chunks) {
+              if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
+              LayerInput in;
+              in.k = k.data();
+              in.pos = pos.data();
+              in.T = (int) k.shape(0);
+              in.n_head_kv = (int) k.shape(1);
+              in.head_dim = (int) k.shape(2);
+              in.q = q.data();
+              in.qpos = qpos.data();
+              in.w = (int) q.shape(0);
+              in.n_head = n_head;
+              in.scale = scale;
+              in.rope = rope;
+              carray<float> va, rka;
+              carray<int32_t> qc;
+              if (!v.is_none()) in.v = (va = v.cast<carray<float>>()).data();
+              if (!rk.is_none()) in.rk = (rka = rk.cast<carray<float>>()).data();
+              if (!qchunk.is_none()) in.qchunk = (qc = qchunk.cast<carray<int32_t>>()).data();
+              MethodParams mp;
+              set_context(mp, py::none(), py::none(), chunks);
+              in.chunk_lo = mp.chunk_lo.data();
+              in.chunk_hi = mp.chunk_hi.data();
+              in.n_chunk = (int) mp.chunk_lo.size();
+              Scores sc;
+              {
+                  py::gil_scoped_release nogil;
+                  if (method == "expected") sc = score_expected(in, p);
+                  else if (method == "compactor") sc = score_compactor(in, p);
+                  else if (method == "reconstruct") sc = score_reconstruct(in, p);
+                  else throw Error("unknown context scorer " + method);
+              }
+              return py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T}));
+          },
+          py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q"), py::arg("qpos"), py::arg("n_head"),
+          py::arg("scale"), py::arg("params"), py::arg("rope"), py::arg("v") = py::none(), py::arg("rk") = py::none(),
+          py::arg("qchunk") = py::none(), py::arg("chunks") = py::none());
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
     m.def("score_layer",

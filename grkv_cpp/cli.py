@@ -254,6 +254,8 @@ def _ints(ctx, param, value):
 @click.option("--kernel", type=int, default=None, help="SnapKV pooling kernel (default: kvpress's 5).")
 @click.option("--window", type=int, default=None, help="SnapKV observation window (default 32; kvpress 0.5.5 uses 64).")
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads.")
+@click.option("--param", "method_params", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="A method's parameter, e.g. expected.eps=0.01 or reconstruct.n_recent=32 (repeatable).")
 @click.option("--chunk", type=int, default=512, show_default=True, help="@budget variants: prefill chunk.")
 @click.option("--limit", type=int, default=None, help="Only the first N context groups.")
 @click.option("--shard", default="0/1", show_default=True, callback=_shard,
@@ -265,8 +267,8 @@ def _ints(ctx, param, value):
 @_gpu_layers_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
-def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, chunk, limit,
-             shard, n_ctx, flash_attn, threads, n_gpu_layers, out_dir):
+def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, method_params,
+             chunk, limit, shard, n_ctx, flash_attn, threads, n_gpu_layers, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
@@ -318,11 +320,17 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     if shared:
         for m in methods.split(","):
             params.setdefault(m.split("+")[0].split("@")[0], {})["shared"] = True
+    for item in method_params:
+        name, key, value = _method_param(item)
+        params.setdefault(name, {})[key] = value
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
     check_manifest(out, dict(data=digest, model=Path(path).stem, window=cfg.window, chunk=chunk, params=params,
                              flash_attn=bool(flash_attn), default_max_new_tokens=cfg.default_max_new_tokens))
-    m = _model(model, n_ctx=n_ctx or _longest(rows, path) + 512, flash_attn=flash_attn, n_threads=threads,
+    longest = _longest(rows, path)
+    if any(x.split("+")[0] == "reconstruct" for x in methods.split(",")):
+        longest += min(longest, 2048) + 64  # the re-read pass's chunk and prompt, after the context
+    m = _model(model, n_ctx=n_ctx or longest + 512, flash_attn=flash_attn, n_threads=threads,
                n_gpu_layers=n_gpu_layers)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
@@ -332,6 +340,21 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
     # the summary covers every shard's rows written so far
     summary = write_all(others + results, out)
     click.echo(markdown(summary))
+
+
+def _method_param(item: str):
+    """`METHOD.KEY=VALUE` -> (method, key, value as int, float, bool or text)."""
+    import json
+
+    lhs, eq, value = item.partition("=")
+    name, dot, key = lhs.partition(".")
+    if not (eq and dot and name and key):
+        raise click.BadParameter(f"{item!r}: expected METHOD.KEY=VALUE", param_hint="--param")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return name, key, parsed
 
 
 def _longest(rows, path) -> int:

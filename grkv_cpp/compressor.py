@@ -34,10 +34,14 @@ def resolve_budget(n_tokens: int, ratio: float | None = None, budget: int | None
 
 
 def observation_window(method: Method, merge: Merge | None) -> int:
-    """Trailing tokens whose queries are captured (SnapKV's window, or GRKV's)."""
+    """Trailing tokens whose queries are captured (SnapKV's window, or GRKV's;
+    a context scorer's whole context, or none for the re-read pass's)."""
+    merge_w = merge.window if merge is not None else 0
+    if method.context_scorer:
+        return max(method.window, merge_w)
     if method.needs_queries:
         return method.window
-    return merge.window if merge is not None else 0
+    return merge_w
 
 
 def capture_positions(n_tokens: int, method: Method, merge: Merge | None) -> tuple[list[int], bool]:
@@ -94,16 +98,42 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
     return sur
 
 
+def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix: int):
+    """A context scorer's queries and settings for the native core."""
+    if method.reread:
+        if reread is None:
+            raise CompressionError(f"{method.name} needs the re-read pass (reread.run) first")
+        queries, chunks = reread.layers, reread.chunks
+    else:
+        if info.rope_rerotation_refused:
+            raise CompressionError(f"{method.name} undoes RoPE, which is refused for this model: "
+                                   f"{info.rope_rerotation_refused}")
+        queries, chunks = [], None
+        for q, p in layers:
+            sel = np.isin(p, positions)
+            if int(sel.sum()) != len(positions):
+                raise CompressionError(f"{method.name} needs the queries of all {len(positions)} cached tokens; "
+                                       f"{int(sel.sum())} were captured")
+            order = np.argsort(p[sel], kind="stable")
+            queries.append((np.ascontiguousarray(q[sel][order]), np.ascontiguousarray(p[sel][order])))
+    rope = _native.RopeParams(info.rope_n_rot, info.rope_base, info.rope_scale, info.rope_neox)
+    return queries, {"ctx": method.context_params(n_prefix), "rope": rope, "chunks": chunks}
+
+
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
                    shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
-                   captured: list | None = None, history: np.ndarray | None = None) -> CompressResult:
+                   captured: list | None = None, history: np.ndarray | None = None, reread=None,
+                   n_prefix: int = 0) -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
     restored to its state before the call and CompressionError is raised.
     `captured` (per cache layer: query rows [n, n_head, head_dim] and their
     positions) replaces reading `capture`, e.g. to compress one prefill many ways.
     `history`: G-KV's global scores of the cells [n_layer, n_head_kv, n_cells]
     from the previous compression (0 for cells added since); the kept cells'
-    new global scores come back in merge_report["global"]."""
+    new global scores come back in merge_report["global"].
+    Context scorers: `reread` (reread.Reread) holds the re-read pass's
+    queries for reconstruct; `n_prefix` is the chat template's prefix length,
+    the sinks they protect by default."""
     t0 = time.perf_counter()
     blob = kvstate.get_blob(ctx)
     state = kvstate.parse(blob)
@@ -121,16 +151,25 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         return CompressResult(n_cells, n_cells, bytes_before, bytes_before, time.perf_counter() - t0, None, positions,
                               per_cell)
     w = min(observation_window(method, merge), n_cells)
+    if method.context_scorer:  # the method reads the whole context; the window is GRKV's alone
+        w = min(merge.window if merge is not None else 0, n_cells)
     window_start = int(positions[-w]) if w else int(positions[-1]) + 1
     layers = captured or []
-    if not layers and (method.needs_queries or merge is not None and merge.name == "grkv"):
+    needs_prefill_queries = method.needs_queries and not getattr(method, "reread", False)
+    if not layers and (needs_prefill_queries or merge is not None and merge.name == "grkv"):
         if capture is None:
             raise CompressionError(f"{method.name} needs the queries captured during prefill")
         try:
             layers = captured_queries(capture, info)
         except NativeError as e:
             raise CompressionError(f"no captured queries: {e}") from e
-    queries = [(q[p >= window_start], p[p >= window_start]) for q, p in layers] if method.needs_queries else []
+    ctx_args = {}
+    if method.context_scorer:
+        queries, ctx_args = _context_inputs(method, info, layers, positions, reread, n_prefix)
+    elif method.needs_queries:
+        queries = [(q[p >= window_start], p[p >= window_start]) for q, p in layers]
+    else:
+        queries = []
     surrogate = []
     if merge is not None and merge.name == "grkv":
         surrogate = _surrogates(layers, info, merge, window_start, int(positions[-1]))
@@ -142,7 +181,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
                                           queries=queries, budget=B, shared=shared, label_end=label_end,
                                           surrogate=surrogate, window_start=window_start, n_threads=threads,
-                                          history=history, **method.native_args(), **margs)
+                                          history=history, **method.native_args(), **margs, **ctx_args)
             new_blob = state.serialize()
         except NativeError as e:
             raise CompressionError(str(e)) from e
@@ -152,5 +191,6 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         if pmax != label_end:
             raise CompressionError(f"after compression the last position reads {pmax}, expected {label_end}")
     bytes_after = kvstate.kv_bytes(state)
-    return CompressResult(n_cells, B, bytes_before, bytes_after, time.perf_counter() - t0, keep, positions,
-                          per_cell, dict(report))
+    # head-wise budgets keep as many cells as their busiest head's allocation
+    return CompressResult(n_cells, int(keep.shape[2]), bytes_before, bytes_after, time.perf_counter() - t0, keep,
+                          positions, per_cell, dict(report))

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import llama_cpp.llama_cpp as L
 
-from . import kvstate
+from . import kvstate, reread
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError
@@ -23,7 +23,8 @@ from .stats import Stats
 
 
 def _label(method: Method, merge, shared: bool) -> str:
-    return method.name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
+    name = getattr(method, "label", method.name)
+    return name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
 
 
 def _require_window_queries(merge, what: str):
@@ -35,7 +36,7 @@ def _require_window_queries(merge, what: str):
 
 def _widen_to_question(m: Method, n_question: int) -> Method:
     """Query-aware: the whole question sits inside the observation window."""
-    if n_question and m.needs_queries and n_question > m.window:
+    if n_question and m.needs_queries and not m.context_scorer and n_question > m.window:
         return dataclasses.replace(m, window_size=n_question)
     return m
 
@@ -66,6 +67,8 @@ class PrefilledState:
     # compression so the answer's first token comes from the compressed cache.
     question_tokens: int = 0
     pending: tuple = ()
+    tokens: tuple = ()      # the context's tokens (the re-read pass repeats them)
+    n_prefix: int = 0       # of which the chat template's prefix
 
     @property
     def cached_tokens(self) -> int:
@@ -128,6 +131,8 @@ class CompressedLlama:
         self._cells = 0              # cells the compressed context occupies
         self._live = 0               # cells the sequence occupies now (context + question/answer)
         self._format = None
+        self._n_prefix = 0           # template prefix tokens of the current context (the sinks)
+        self._reread_cache = None    # (state, settings, Reread): one re-read pass per prefilled state
         self._decode: DecodePolicy | None = None
         self._decode_since = 0       # tokens generated since the last decode-time compression
         self._gkv_hist = None        # G-KV history: kept cells' global scores [L, Hkv, cells]
@@ -166,7 +171,23 @@ class CompressedLlama:
         text = self._format.context_text
         # Templates emit the BOS text themselves; tokenize it as a special token then.
         add_bos = not (bos and text.startswith(bos))
+        cut = text.find(context) if context else -1
+        self._n_prefix = len(self.tokenize(text[:cut], bos=add_bos)) if cut > 0 else int(add_bos)
         return self.tokenize(text, bos=add_bos)
+
+    def _reread(self, m: Method, tokens: Sequence[int], n_prefix: int, state=None):
+        """The re-read pass for reconstruct (None for other methods), run on
+        the context that fills the cache now; a prefilled state's pass is
+        kept for the next compression of the same state."""
+        if not getattr(m, "reread", False):
+            return None
+        key = (m.chunk, m.overlap)
+        c = self._reread_cache
+        if state is not None and c is not None and c[0] is state and c[1] == key:
+            return c[2]
+        rr = reread.run(self, list(tokens), n_prefix, chunk=m.chunk, overlap=m.overlap)
+        self._reread_cache = (state, key, rr) if state is not None else None
+        return rr
 
     def _question_tokens(self, question: str, answer_prefix: str = "") -> list[int]:
         if self._format is None:
@@ -255,6 +276,8 @@ class CompressedLlama:
         (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
         eviction method or the merge, whichever declares them."""
         m, merge = parse_method(method, **params)
+        if question is not None and m.context_scorer:
+            raise BadRequestError(f"{m.name} scores the context without its question; compress without question=")
         with self._keep_context_on_failure():
             tokens = self._tokens_for(context)
             n_ctx_tokens = len(tokens)
@@ -270,8 +293,13 @@ class CompressedLlama:
             t0 = time.perf_counter()
             self._prefill(body, positions, whole)
             t1 = time.perf_counter()
+            # the re-read pass reuses the capture: keep GRKV's window queries from the prefill first
+            grkv = merge is not None and merge.name == "grkv"
+            captured = captured_queries(self.capture, self.info) if m.reread and grkv else None
+            rr = self._reread(m, body, self._n_prefix)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
-                                 capture=self.capture, n_threads=self.n_threads)
+                                 capture=self.capture, n_threads=self.n_threads, reread=rr, n_prefix=self._n_prefix,
+                                 captured=captured)
             self._live = res.cells_after
             t2 = time.perf_counter()
             if question is not None:
@@ -283,7 +311,7 @@ class CompressedLlama:
                            question_tokens=len(tokens) - n_ctx_tokens,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
-                           prefill_s=t1 - t0, compress_s=t2 - t1)
+                           prefill_s=t1 - t0, compress_s=t2 - t1, reread_s=rr.seconds if rr else 0.0)
         self._memory_stats(res.bytes_per_cell, simulate(len(body), budget=res.cells_after))  # post-fill eviction
         return self.stats
 
@@ -309,6 +337,9 @@ class CompressedLlama:
         compression: drop it when the context changes."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "budgeted prefill")
+        if m.context_scorer:
+            raise BadRequestError(f"{m.name} is not available in the budgeted prefill yet; use snapkv, gkv, laser, "
+                                  "knorm or streaming there")
         if budget < 1 or chunk < 1:
             raise BadRequestError("budget and chunk must be >= 1 token")
         with self._keep_context_on_failure():
@@ -449,7 +480,8 @@ class CompressedLlama:
         state = kvstate.parse(blob)
         return PrefilledState(blob, captured, window, n_context, state.part_info(0)["n_cells"], self._format, dt,
                               kvstate.bytes_per_cell(state), kvstate.kv_bytes(state),
-                              question_tokens=len(tokens) + len(pending) - n_context, pending=pending)
+                              question_tokens=len(tokens) + len(pending) - n_context, pending=pending,
+                              tokens=tuple(tokens[:n_context]), n_prefix=self._n_prefix if context is not None else 0)
 
     def _put_state(self, st: PrefilledState):
         if not kvstate.set_blob(self.ctx, st.blob):
@@ -486,6 +518,8 @@ class CompressedLlama:
         observation window); prefill_s reports the shared prefill's time."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "compress_state (stratified needs its own prefill)")
+        if st.question_tokens and m.context_scorer:
+            raise BadRequestError(f"{m.name} scores the context without its question; this state is query-aware")
         m = _widen_to_question(m, st.question_tokens)
         need = observation_window(m, merge)
         if need > st.window:
@@ -494,8 +528,9 @@ class CompressedLlama:
         with self._keep_context_on_failure():
             self._put_state(st)
             t0 = time.perf_counter()
+            rr = self._reread(m, st.tokens, st.n_prefix, state=st)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
-                                 captured=st.captured, n_threads=self.n_threads)
+                                 captured=st.captured, n_threads=self.n_threads, reread=rr, n_prefix=st.n_prefix)
             self._cells = self._live = res.cells_after
             t1 = time.perf_counter()
             self._decode_pending(st)
@@ -504,7 +539,7 @@ class CompressedLlama:
                            merge_report=res.merge_report,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
-                           prefill_s=st.prefill_s, compress_s=t1 - t0)
+                           prefill_s=st.prefill_s, compress_s=t1 - t0, reread_s=rr.seconds if rr else 0.0)
         self._memory_stats(res.bytes_per_cell, simulate(st.cached_tokens, budget=res.cells_after))
         return self.stats
 
@@ -620,6 +655,8 @@ class CompressedLlama:
             self._decode = None
             return
         m, merge = parse_method(method, **params)
+        if m.context_scorer:
+            raise BadRequestError(f"{m.name} scores a whole context; decode-time compression uses gkv, snapkv, ...")
         w = observation_window(m, merge)
         if budget < 1 or every < 1:
             raise GrkvError("decode compression budget and interval must be >= 1 token")

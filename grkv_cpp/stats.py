@@ -16,6 +16,7 @@ class Stats:
     kv_bytes_after: int = 0
     prefill_s: float = 0.0
     compress_s: float = 0.0
+    reread_s: float = 0.0     # reconstruct: the re-read pass (inside compress_s when it ran in this call)
     question_s: float = 0.0   # ask(): evaluating the question's tokens
     decode_s: float = 0.0     # generating the answer (tokens/s = generated_tokens / decode_s)
     generated_tokens: int = 0

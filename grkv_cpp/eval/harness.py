@@ -156,6 +156,19 @@ def _runs(cfg: EvalConfig):
             yield meth, base, r, variant == "budget"
 
 
+def state_window(cfg: EvalConfig) -> int:
+    """Queries the shared prefill keeps: the widest window any method needs
+    (a context scorer's: every context token)."""
+    from ..compressor import observation_window
+    from ..methods import parse_method
+
+    w = cfg.window
+    for _, base, _, budgeted in _runs(cfg):
+        if base != "full" and not budgeted:
+            w = max(w, observation_window(*parse_method(base, **_params(cfg, base))))
+    return w
+
+
 def _params(cfg: EvalConfig, base: str) -> dict:
     evict = base.split("+")[0]
     p = dict(cfg.params.get(evict, {}))
@@ -202,6 +215,7 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
     os.replace(tmp, out)
     groups = [(gi, g) for gi, g in enumerate(group_rows(rows)) if gi % n_shard == i_shard]
     runs = list(_runs(cfg))
+    window = state_window(cfg)
     keys = {(gi, qi, run[0], run[2], cfg.mode) for gi, (_, qs) in groups for run in runs for qi in range(len(qs))}
     bar = tqdm(total=len(keys), initial=len(keys & done), disable=not progress, unit="q",
                desc=f"eval {model_name or ''}".strip())
@@ -216,7 +230,7 @@ def run_eval(model, rows: list[dict], cfg: EvalConfig, out: Path, *, progress: b
 
             def get_state(ctx=context):
                 if not state:
-                    state.append(model.prefill_state(ctx, window=cfg.window))
+                    state.append(model.prefill_state(ctx, window=window))
                 return state[0]
 
             if cfg.mode == "aware":

@@ -3,13 +3,18 @@ itself runs in the native core (native/src/score/<name>.cpp)."""
 
 from ..errors import BadRequestError
 from .base import Method
+from .compactor import Compactor
+from .context import HEADWISE, ContextMethod
+from .expected import ExpectedAttention
 from .gkv import GKV
 from .knorm import KNorm
 from .laser import LaserKV
+from .reconstruct import Reconstruct
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
-REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM, "gkv": GKV, "laser": LaserKV}
+REGISTRY = {"snapkv": SnapKV, "knorm": KNorm, "streaming": StreamingLLM, "gkv": GKV, "laser": LaserKV,
+            "reconstruct": Reconstruct, "expected": ExpectedAttention, "compactor": Compactor}
 
 
 def parse_method(spec, **params):
@@ -22,6 +27,12 @@ def parse_method(spec, **params):
     if isinstance(spec, Method):
         return spec, None
     name, _, merge_name = spec.lower().partition("+")
+    name, _, headwise = name.partition("-")  # compactor-adakv: the head-wise option of a context scorer
+    if headwise:
+        if headwise not in HEADWISE or not getattr(REGISTRY.get(name), "context_scorer", False):
+            raise BadRequestError(f"unknown method {name}-{headwise}; head-wise budgets are -adakv or -global "
+                                  "after reconstruct, expected or compactor")
+        params = {**params, "headwise": headwise}
     if name not in REGISTRY:
         raise BadRequestError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
     mcls = REGISTRY[name]
@@ -40,4 +51,5 @@ def parse_method(spec, **params):
     return method, merge
 
 
-__all__ = ["Method", "GKV", "LaserKV", "SnapKV", "KNorm", "StreamingLLM", "REGISTRY", "parse_method"]
+__all__ = ["Method", "ContextMethod", "GKV", "LaserKV", "SnapKV", "KNorm", "StreamingLLM", "Reconstruct",
+           "ExpectedAttention", "Compactor", "REGISTRY", "parse_method"]

@@ -7,6 +7,8 @@ class Method:
 
     name = "base"
     needs_queries = False  # does scoring need the observation window's queries?
+    context_scorer = False  # scores the whole context (methods/context.py)
+    reread = False          # needs the re-read pass of context reconstruction
 
     @property
     def window(self) -> int:

@@ -28,15 +28,31 @@ void parallel_for(int n, int n_threads, F f) {
 
 }  // namespace
 
-bool method_needs_queries(const std::string & name) { return name == "snapkv" || name == "gkv" || name == "laser"; }
+bool method_needs_queries(const std::string & name) {
+    return name == "snapkv" || name == "gkv" || name == "laser" || name == "expected" || name == "compactor" ||
+           name == "reconstruct";
+}
+
+namespace {
+
+bool is_context_scorer(const std::string & name) {
+    return name == "expected" || name == "compactor" || name == "reconstruct";
+}
+
+}  // namespace
 
 std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m, const ModelShape & shape,
                                  const std::vector<LayerQueries> & queries, int n_threads,
                                  const std::vector<std::vector<float>> * history,
                                  std::vector<std::vector<float>> * global) {
     const int L = (int) view.s->k.size();
-    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming" && m.name != "gkv" && m.name != "laser") {
-        throw Error("unknown eviction method '" + m.name + "' (snapkv, knorm, streaming, gkv, laser)");
+    if (m.name != "snapkv" && m.name != "knorm" && m.name != "streaming" && m.name != "gkv" && m.name != "laser" &&
+        !is_context_scorer(m.name)) {
+        throw Error("unknown eviction method '" + m.name +
+                    "' (snapkv, knorm, streaming, gkv, laser, expected, compactor, reconstruct)");
+    }
+    if (m.name == "reconstruct" && (m.chunk_lo.empty() || m.chunk_lo.size() != m.chunk_hi.size())) {
+        throw Error("reconstruct needs the re-read chunks' token ranges");
     }
     const int T = view.n_tokens();
     if (history && !history->empty()) {
@@ -57,6 +73,8 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
     std::vector<Scores> out(L);
     parallel_for(L, n_threads, [&](int l) {
         const std::vector<float> k = view.keys(l);
+        const bool ctx = is_context_scorer(m.name);
+        const std::vector<float> v = ctx && m.name != "reconstruct" ? view.values(l) : std::vector<float>();
         LayerInput in;
         in.k = k.data();
         in.pos = pos.data();
@@ -73,6 +91,21 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
             }
             in.q = lq.q.data();
             in.qpos = lq.qpos.data();
+            if (m.name == "reconstruct") {
+                if (lq.rk.size() != (size_t) in.w * shape.n_head_kv * in.head_dim || lq.qchunk.size() != (size_t) in.w) {
+                    throw Error("layer " + std::to_string(l) + ": re-read keys or chunks do not match the queries");
+                }
+                in.rk = lq.rk.data();
+                in.qchunk = lq.qchunk.data();
+                in.chunk_lo = m.chunk_lo.data();
+                in.chunk_hi = m.chunk_hi.data();
+                in.n_chunk = (int) m.chunk_lo.size();
+            }
+        }
+        if (ctx) {
+            if (!v.empty() && v.size() != k.size()) throw Error("context scorers need V as wide as K");
+            in.v = v.empty() ? nullptr : v.data();
+            in.rope = m.rope;
         }
         if (m.name == "snapkv") out[l] = score_snapkv(in, m.kernel, m.max_pool);
         else if (m.name == "gkv") {
@@ -80,6 +113,9 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
             out[l] = score_gkv(in, h, m.gkv, global ? &(*global)[l] : nullptr);
         } else if (m.name == "laser") out[l] = score_laser(in, m.n_sink, m.n_local);
         else if (m.name == "knorm") out[l] = score_knorm(in);
+        else if (m.name == "expected") out[l] = score_expected(in, m.ctx);
+        else if (m.name == "compactor") out[l] = score_compactor(in, m.ctx);
+        else if (m.name == "reconstruct") out[l] = score_reconstruct(in, m.ctx);
         else out[l] = score_streaming(in, m.n_sink);
     });
     return out;

@@ -11,18 +11,24 @@
 namespace grkv {
 
 struct MethodParams {
-    std::string name = "snapkv";   // "snapkv" | "knorm" | "streaming" | "gkv" | "laser"
+    // "snapkv" | "knorm" | "streaming" | "gkv" | "laser" | "expected" | "compactor" | "reconstruct"
+    std::string name = "snapkv";
     int kernel = 5;                // SnapKV pooling kernel
     bool max_pool = false;         // SnapKV pooling: average (kvpress) or max
     int n_sink = 4;                // StreamingLLM sinks
     GkvParams gkv;                 // G-KV
     int protect_divisor = 4;       // LASER-KV: budget/n sinks and budget/n local tokens
     int n_local = 0;               // LASER-KV: set from the budget by compress_stream
+    ContextParams ctx;             // expected, compactor, reconstruct
+    RopeParams rope;               // the model's RoPE (context scorers undo or average it)
+    std::vector<int32_t> chunk_lo, chunk_hi;  // reconstruct: context token range of each re-read chunk
 };
 
 struct LayerQueries {
     std::vector<float> q;          // [w][n_head][head_dim]
     std::vector<int32_t> qpos;     // [w]
+    std::vector<float> rk;         // reconstruct: the re-read tokens' keys [w][n_head_kv][head_dim]
+    std::vector<int32_t> qchunk;   // reconstruct: the re-read chunk of each query [w]
 };
 
 struct ModelShape {
@@ -82,10 +88,14 @@ struct CompressRequest {
     int32_t window_start = 0;              // tokens at/after this position stay fixed (GRKV)
     int n_threads = 1;
     std::vector<std::vector<float>> history;  // G-KV: per layer [n_head_kv][n_cells], or empty
+    std::string headwise = "none";         // none | adakv (per layer) | global (over layers): head-wise budgets
+    float headwise_alpha = 0.2f;           // their per-head floor, as a fraction of the budget
 };
 
 struct CompressOutcome {
-    std::vector<int32_t> keep;             // [L][n_head_kv][budget]
+    std::vector<int32_t> keep;             // [L][n_head_kv][slots]
+    int slots = 0;                         // cells kept: the budget, or a head-wise allocation's busiest head
+    std::vector<int32_t> headwise_count;   // head-wise budgets: each head's own allocation [L][n_head_kv]
     MergeReport report;
     std::vector<float> global;             // G-KV: kept tokens' global scores [L][n_head_kv][budget]
 };

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "grkv/rope.h"
+
 namespace grkv {
 
 struct LayerInput {
@@ -15,6 +17,17 @@ struct LayerInput {
     const int32_t * qpos = nullptr;  // [w]
     int w = 0, n_head = 0;
     float scale = 1.0f;              // logit scale (1/sqrt(d) for llama)
+    // Context scorers (expected, compactor, reconstruct) only:
+    const float * v = nullptr;       // [T][n_head_kv][head_dim] values
+    RopeParams rope;                 // the model's RoPE, to undo or average it
+    // reconstruct: the re-read tokens' own keys [w][n_head_kv][head_dim], the
+    // chunk each re-read query belongs to [w] (ascending), and per chunk the
+    // context token range [lo, hi) it re-reads.
+    const float * rk = nullptr;
+    const int32_t * qchunk = nullptr;
+    const int32_t * chunk_lo = nullptr;
+    const int32_t * chunk_hi = nullptr;
+    int n_chunk = 0;
 };
 
 struct Scores {
@@ -44,6 +57,37 @@ Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p,
 // each KV head's query group; the first n_sink and last n_local tokens are
 // protected. Selection sums over layers and heads (select_shared_sum).
 Scores score_laser(const LayerInput & in, int n_sink, int n_local);
+// Context scorers: they score the whole context without the question.
+struct ContextParams {
+    int n_sink = 4;              // first tokens protected (the sinks / template prefix)
+    int n_recent = 0;            // last tokens protected
+    // Expected Attention
+    int n_future = 512;          // future positions RoPE is averaged over
+    int32_t next_pos = -1;       // the first of them (< 0: the context's next position)
+    float eps = 0.0f;            // added to the expected attention before the value-norm product
+    bool use_cov = true;
+    // Compactor
+    int chunk = 256;             // non-causal attention tile
+    float beta = -1.0f;          // leverage weight (< 0: the fraction removed, as kvpress)
+    float ridge = 1e-2f;         // leverage ridge, relative to the mean key variance
+    bool chunk_scale = false;    // scale chunk logits by the model's scale (kvpress does not)
+};
+
+// Expected Attention: queries modelled as a Gaussian (mean and covariance of
+// the de-rotated context queries `in.q`), RoPE averaged over n_future next
+// positions; score = (mean over the group of the expected softmax + eps) * ||v||.
+Scores score_expected(const LayerInput & in, const ContextParams & p);
+// Compactor: z(non-causal chunked attention * ||v||, width-3 average) +
+// beta * z(ridge leverage of the de-rotated, centred keys), z over the layer.
+Scores score_compactor(const LayerInput & in, const ContextParams & p);
+// Context reconstruction (KVzip): the largest attention a context token gets
+// from the re-read queries, softmax restricted to sinks + chunk + re-read keys,
+// max over the GQA group. Comparable across heads and layers (probabilities).
+Scores score_reconstruct(const LayerInput & in, const ContextParams & p);
+
+// Protect the first n_sink and last n_recent tokens of a score set.
+void protect_ends(Scores & sc, int n_sink, int n_recent);
+
 // KNorm: keys with a low L2 norm are kept (score = -||k||).
 Scores score_knorm(const LayerInput & in);
 // StreamingLLM: the first n_sink tokens are protected, the rest ranked by recency.

@@ -19,4 +19,16 @@ std::vector<int32_t> select_shared(const std::vector<Scores> & layers, int budge
 // exact ranking), protected tokens first. `budget` ascending indices.
 std::vector<int32_t> select_shared_sum(const std::vector<Scores> & layers, int budget);
 
+// Head-wise budgets: each (layer, KV head) keeps its protected tokens and
+// its top floor(alpha * budget), then the remaining slots (n_head_kv * budget
+// per layer) go to the best remaining scores of the layer (AdaKV) or, with
+// across_layers, of every layer at once (KVzip's one threshold). `count`
+// [L][n_head_kv] holds each head's allocation and `slots` the largest one:
+// the cells llama.cpp's shared layout must hold for it.
+struct HeadwiseAllocation {
+    int slots = 0;
+    std::vector<int32_t> count;
+};
+HeadwiseAllocation allocate_headwise(const std::vector<Scores> & layers, int budget, float alpha, bool across_layers);
+
 }  // namespace grkv

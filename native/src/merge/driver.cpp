@@ -196,15 +196,33 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
         if (mp.protect_divisor < 2) throw Error("LASER-KV protection divisor must be >= 2");
         mp.n_sink = mp.n_local = req.budget / mp.protect_divisor;
     }
+    // Compactor weighs leverage by the fraction removed; Expected Attention
+    // averages RoPE from the context's next position on.
+    if (mp.ctx.beta < 0) mp.ctx.beta = 1.0f - (float) req.budget / (float) std::max(1, view.n_tokens());
+    if (mp.ctx.next_pos < 0) mp.ctx.next_pos = req.label_end + 1;
     std::vector<Scores> sc = score_layers(view, mp, req.shape, req.queries, req.n_threads, &req.history,
                                           mp.name == "gkv" ? &glob : nullptr);
+    // Head-wise budgets: the busiest head's allocation sets the cells, and
+    // every head fills them with its own best tokens (select_headwise.cpp).
+    int budget = req.budget;
+    CompressRequest breq = req;
+    if (req.headwise != "none") {
+        if (req.headwise != "adakv" && req.headwise != "global") {
+            throw Error("head-wise budgets must be 'none', 'adakv' or 'global', not '" + req.headwise + "'");
+        }
+        if (req.shared || laser) throw Error("head-wise budgets need the per-head layout (not shared)");
+        const HeadwiseAllocation a = allocate_headwise(sc, budget, req.headwise_alpha, req.headwise == "global");
+        out.headwise_count = a.count;
+        budget = breq.budget = a.slots;
+    }
+    out.slots = budget;
     // G-KV: the kept tokens' global scores, slot order (keep is ascending per head)
     auto gather_global = [&]() {
         if (glob.empty()) return;
         const int T = view.n_tokens();
         out.global.resize(out.keep.size());
         for (size_t i = 0; i < out.keep.size(); ++i) {
-            const size_t l = i / ((size_t) Hkv * req.budget), h = (i / req.budget) % Hkv;
+            const size_t l = i / ((size_t) Hkv * budget), h = (i / budget) % Hkv;
             out.global[i] = glob[l][h * T + out.keep[i]];
         }
     };
@@ -212,10 +230,10 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
         // shared sets keep original positions, and llama.cpp continues at the
         // last stored position + 1: the last token must stay
         for (auto & x : sc) x.protect.back() = 1;
-        const std::vector<int32_t> one = laser ? select_shared_sum(sc, req.budget) : select_shared(sc, req.budget);
+        const std::vector<int32_t> one = laser ? select_shared_sum(sc, budget) : select_shared(sc, budget);
         if (req.merge.name == "none") {
             Stream ns = compact_shared(view, one);
-            out.keep.reserve((size_t) L * Hkv * req.budget);
+            out.keep.reserve((size_t) L * Hkv * budget);
             for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
             gather_global();
             st = std::move(ns);
@@ -223,16 +241,16 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
         }
         for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
     } else {
-        out.keep = select_layers_per_head(sc, req.budget, req.n_threads);
+        out.keep = select_layers_per_head(sc, budget, req.n_threads);
     }
     gather_global();
     Stream ns;
     if (req.merge.name == "none") {
-        ns = compact_per_head(view, out.keep, Hkv, req.budget, req.label_end);
+        ns = compact_per_head(view, out.keep, Hkv, budget, req.label_end);
     } else {
         std::vector<float> nk, nv;
-        merge_layers(view, out.keep, Hkv, req.budget, sc, req, nk, nv, out.report);
-        ns = compact_per_head(view, out.keep, Hkv, req.budget, req.label_end, nk.data(), nv.data());
+        merge_layers(view, out.keep, Hkv, budget, sc, breq, nk, nv, out.report);
+        ns = compact_per_head(view, out.keep, Hkv, budget, req.label_end, nk.data(), nv.data());
     }
     st = std::move(ns);
     return out;

@@ -1,0 +1,131 @@
+"""The context scorers (expected, compactor, reconstruct) against the float64
+torch reference, on random GQA tensors with both RoPE pairings."""
+
+import numpy as np
+import pytest
+
+from grkv_cpp import _native
+from grkv_cpp.errors import NativeError
+import reference as ref
+import reference_context as rc
+
+
+def rotate(x, pos, rope):
+    """Apply RoPE at each row's position (float64 reference matrices)."""
+    out = np.empty_like(x)
+    for i, p in enumerate(pos):
+        R = rc.rope_matrix(int(p), x.shape[-1], *rope).numpy()
+        out[i] = x[i] @ R.T
+    return out.astype(np.float32)
+
+
+def layer(seed, T=150, Hkv=2, G=3, d=16, neox=False, n_rot=None):
+    rng = np.random.default_rng(seed)
+    n_rot = n_rot or d
+    rope = (n_rot, 10000.0, 1.0, neox)
+    pos = np.arange(T, dtype=np.int32)
+    mu = rng.standard_normal(d) * 1.5  # queries share a mean direction, as real ones do
+    q = rotate((rng.standard_normal((T, Hkv * G, d)) + mu).astype(np.float32), pos, rope)
+    k = rotate(rng.standard_normal((T, Hkv, d)).astype(np.float32), pos, rope)
+    v = rng.standard_normal((T, Hkv, d)).astype(np.float32) * rng.uniform(0.5, 2, (T, Hkv, 1)).astype(np.float32)
+    return k, v, q, pos, Hkv * G, rope
+
+
+def native_rope(rope):
+    n_rot, base, scale, neox = rope
+    return _native.RopeParams(n_rot, base, scale, neox)
+
+
+def params(**kw):
+    p = _native.ContextParams()
+    for key, val in kw.items():
+        setattr(p, key, val)
+    return p
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("seed,use_cov,eps,n_recent", [(0, True, 0.0, 0), (1, False, 1e-2, 5), (2, True, 1e-3, 0)])
+def test_expected_matches_reference(seed, neox, use_cov, eps, n_recent):
+    k, v, q, pos, H, rope = layer(seed, neox=neox, n_rot=12 if seed == 2 else None)
+    scale = 1 / np.sqrt(k.shape[-1])
+    p = params(n_sink=4, n_recent=n_recent, n_future=64, next_pos=len(pos), eps=eps, use_cov=use_cov)
+    s, prot = _native.score_context_layer("expected", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
+    rs, rprot = rc.expected_scores(k, v, pos, q, pos, H, scale, rope, n_sink=4, n_recent=n_recent, n_future=64,
+                                   eps=eps, use_cov=use_cov)
+    np.testing.assert_allclose(s, rs.numpy(), rtol=2e-4, atol=1e-7)
+    assert (prot.astype(bool) == rprot.numpy()).all()
+    sel = _native.select_per_head(s, prot, 60)
+    assert (sel == ref.select(rs, rprot, 60).numpy()).all()
+
+
+def test_expected_rope_pairing_matters():
+    """The averaged rotation must follow the model's pairing: scoring NEOX
+    data as NORM gives other scores."""
+    k, v, q, pos, H, rope = layer(3, neox=True)
+    p = params(n_future=64, next_pos=len(pos))
+    right, _ = _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope), v=v)
+    wrong, _ = _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p,
+                                           native_rope((rope[0], rope[1], 1.0, False)), v=v)
+    assert np.abs(right - wrong).max() > 1e-3 * np.abs(right).max()
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("seed,chunk,chunk_scale,beta", [(0, 64, False, 0.5), (1, 50, True, 0.75), (2, 256, False, 0.0)])
+def test_compactor_matches_reference(seed, neox, chunk, chunk_scale, beta):
+    k, v, q, pos, H, rope = layer(seed, neox=neox)
+    scale = 1 / np.sqrt(k.shape[-1])
+    p = params(n_sink=8, n_recent=4, chunk=chunk, beta=beta, ridge=1e-2, chunk_scale=chunk_scale)
+    s, prot = _native.score_context_layer("compactor", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
+    rs, rprot = rc.compactor_scores(k, v, pos, q, H, scale, rope, n_sink=8, n_recent=4, chunk=chunk, beta=beta,
+                                    chunk_scale=chunk_scale)
+    np.testing.assert_allclose(s, rs.numpy(), rtol=1e-3, atol=2e-4)
+    assert (prot.astype(bool) == rprot.numpy()).all()
+
+
+def reread_layer(seed, T=120, Hkv=2, G=3, d=16, chunks=((10, 70), (70, 120)), prompt=6):
+    """Context keys and a re-read pass over `chunks` at positions T.."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((T, Hkv, d)).astype(np.float32)
+    qs, rks, qc = [], [], []
+    for c, (lo, hi) in enumerate(chunks):
+        n = prompt + hi - lo
+        # re-read queries resemble the keys they re-read, as copying heads' do
+        base = np.concatenate([rng.standard_normal((prompt, Hkv, d)), k[lo:hi]]).repeat(G, axis=1)
+        qs.append((base * 2 + rng.standard_normal((n, Hkv * G, d))).astype(np.float32))
+        rks.append(rng.standard_normal((n, Hkv, d)).astype(np.float32))
+        qc.append(np.full(n, c, np.int32))
+    q, rk, qchunk = np.concatenate(qs), np.concatenate(rks), np.concatenate(qc)
+    qpos = (T + np.concatenate([np.arange(len(x)) for x in qs])).astype(np.int32)
+    return k, q, rk, qchunk, qpos, Hkv * G
+
+
+@pytest.mark.parametrize("seed,chunks,n_recent", [(0, ((10, 70), (70, 120)), 0), (1, ((4, 120),), 8),
+                                                    (2, ((6, 40), (40, 80), (80, 120)), 0)])
+def test_reconstruct_matches_reference(seed, chunks, n_recent):
+    k, q, rk, qchunk, qpos, H = reread_layer(seed, chunks=chunks)
+    pos = np.arange(len(k), dtype=np.int32)
+    n_sink = chunks[0][0]
+    p = params(n_sink=n_sink, n_recent=n_recent)
+    s, prot = _native.score_context_layer("reconstruct", k, pos, q, qpos, H, 0.25, p, native_rope((16, 1e4, 1.0, False)),
+                                          rk=rk, qchunk=qchunk, chunks=list(chunks))
+    rs, rprot = rc.reconstruct_scores(k, q, rk, qchunk, chunks, H, 0.25, n_sink=n_sink, n_recent=n_recent)
+    np.testing.assert_allclose(s, rs.numpy(), rtol=1e-4, atol=1e-7)
+    assert (prot.astype(bool) == rprot.numpy()).all()
+    # the scores are probabilities, comparable across heads
+    free = ~prot.astype(bool)
+    assert (s[:, free] >= 0).all() and (s[:, free] <= 1).all()
+
+
+def test_context_scorer_errors():
+    k, v, q, pos, H, rope = layer(0)
+    p = params()
+    with pytest.raises(NativeError, match="values"):
+        _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope))
+    with pytest.raises(NativeError, match="every context token"):
+        _native.score_context_layer("compactor", k, pos, q[:10], pos[:10], H, 0.25, p, native_rope(rope), v=v)
+    with pytest.raises(NativeError, match="re-read"):
+        _native.score_context_layer("reconstruct", k, pos, q, pos, H, 0.25, p, native_rope(rope))
+    kq, qq, rk, qc, qp, H2 = reread_layer(0)
+    with pytest.raises(NativeError, match="token range"):
+        _native.score_context_layer("reconstruct", kq, np.arange(len(kq), dtype=np.int32), qq, qp, H2, 0.25, p,
+                                    native_rope(rope), rk=rk, qchunk=qc, chunks=[(10, 70), (70, 500)])
