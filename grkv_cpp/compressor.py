@@ -78,9 +78,18 @@ def captured_queries(capture: GraphCapture, info: ModelInfo):
     return out
 
 
-def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int):
+def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int, reread=None):
     if merge.query_mode == "window":
         return [(q[p >= window_start], p[p >= window_start], True, 1.0) for q, p in layers]
+    if merge.query_mode == "reread":
+        if reread is None:
+            raise CompressionError("GRKV's reread queries need the re-read pass (reread.run) first")
+        sur = []
+        for q, p, _, _ in reread.layers:
+            idx = np.unique(np.linspace(0, len(p) - 1, min(merge.n_queries, len(p))).round().astype(int))
+            # after the context they see all of it: no causal mask needed
+            sur.append((np.ascontiguousarray(q[idx]), np.ascontiguousarray(p[idx]), False, 1.0))
+        return sur
     if info.rope_rerotation_refused:
         raise CompressionError(f"GRKV stratified queries are refused for this model: {info.rope_rerotation_refused}")
     sur = []
@@ -172,7 +181,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         queries = []
     surrogate = []
     if merge is not None and merge.name == "grkv":
-        surrogate = _surrogates(layers, info, merge, window_start, int(positions[-1]))
+        surrogate = _surrogates(layers, info, merge, window_start, int(positions[-1]), reread)
     threads = n_threads or os.cpu_count() or 1
     label_end = int(positions[-1])
     margs = merge.native_args() if merge is not None else {"merge": "none"}

@@ -27,11 +27,17 @@ def _label(method: Method, merge, shared: bool) -> str:
     return name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
 
 
-def _require_window_queries(merge, what: str):
+def _require_window_queries(merge, what: str, reread_ok: bool = False):
     """GRKV's stratified queries need capture over the whole prefill, which
-    chunked, restored and decode-time compressions do not have."""
-    if merge is not None and getattr(merge, "query_mode", "window") != "window":
+    chunked, restored and decode-time compressions do not have (a restored
+    state can still run the re-read pass for GRKV's reread queries)."""
+    mode = getattr(merge, "query_mode", "window") if merge is not None else "window"
+    if mode != "window" and not (reread_ok and mode == "reread"):
         raise GrkvError(f"{what} supports GRKV's window queries only")
+
+
+def _needs_reread(m: Method, merge) -> bool:
+    return m.reread or getattr(merge, "query_mode", "") == "reread"
 
 
 def _widen_to_question(m: Method, n_question: int) -> Method:
@@ -175,17 +181,17 @@ class CompressedLlama:
         self._n_prefix = len(self.tokenize(text[:cut], bos=add_bos)) if cut > 0 else int(add_bos)
         return self.tokenize(text, bos=add_bos)
 
-    def _reread(self, m: Method, tokens: Sequence[int], n_prefix: int, state=None):
-        """The re-read pass for reconstruct (None for other methods), run on
-        the context that fills the cache now; a prefilled state's pass is
-        kept for the next compression of the same state."""
-        if not getattr(m, "reread", False):
+    def _reread(self, m: Method, merge, tokens: Sequence[int], n_prefix: int, state=None):
+        """The re-read pass for reconstruct or GRKV's reread queries (None
+        otherwise), run on the context that fills the cache now; a prefilled
+        state's pass is kept for the next compression of the same state."""
+        if not _needs_reread(m, merge):
             return None
-        key = (m.chunk, m.overlap)
+        key = (getattr(m, "chunk", 2048), getattr(m, "overlap", 8)) if m.reread else (2048, 8)
         c = self._reread_cache
         if state is not None and c is not None and c[0] is state and c[1] == key:
             return c[2]
-        rr = reread.run(self, list(tokens), n_prefix, chunk=m.chunk, overlap=m.overlap)
+        rr = reread.run(self, list(tokens), n_prefix, chunk=key[0], overlap=key[1])
         self._reread_cache = (state, key, rr) if state is not None else None
         return rr
 
@@ -276,8 +282,9 @@ class CompressedLlama:
         (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
         eviction method or the merge, whichever declares them."""
         m, merge = parse_method(method, **params)
-        if question is not None and m.context_scorer:
-            raise BadRequestError(f"{m.name} scores the context without its question; compress without question=")
+        if question is not None and (m.context_scorer or _needs_reread(m, merge)):
+            raise BadRequestError(f"{_label(m, merge, shared)} works on the context without its question; "
+                                  "compress without question=")
         with self._keep_context_on_failure():
             tokens = self._tokens_for(context)
             n_ctx_tokens = len(tokens)
@@ -295,8 +302,8 @@ class CompressedLlama:
             t1 = time.perf_counter()
             # the re-read pass reuses the capture: keep GRKV's window queries from the prefill first
             grkv = merge is not None and merge.name == "grkv"
-            captured = captured_queries(self.capture, self.info) if m.reread and grkv else None
-            rr = self._reread(m, body, self._n_prefix)
+            captured = captured_queries(self.capture, self.info) if _needs_reread(m, merge) and grkv else None
+            rr = self._reread(m, merge, body, self._n_prefix)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  capture=self.capture, n_threads=self.n_threads, reread=rr, n_prefix=self._n_prefix,
                                  captured=captured)
@@ -517,7 +524,7 @@ class CompressedLlama:
         prefill (query-aware if the state is: the whole question inside the
         observation window); prefill_s reports the shared prefill's time."""
         m, merge = parse_method(method, **params)
-        _require_window_queries(merge, "compress_state (stratified needs its own prefill)")
+        _require_window_queries(merge, "compress_state (stratified needs its own prefill)", reread_ok=True)
         if st.question_tokens and m.context_scorer:
             raise BadRequestError(f"{m.name} scores the context without its question; this state is query-aware")
         m = _widen_to_question(m, st.question_tokens)
@@ -528,7 +535,7 @@ class CompressedLlama:
         with self._keep_context_on_failure():
             self._put_state(st)
             t0 = time.perf_counter()
-            rr = self._reread(m, st.tokens, st.n_prefix, state=st)
+            rr = self._reread(m, merge, st.tokens, st.n_prefix, state=st)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  captured=st.captured, n_threads=self.n_threads, reread=rr, n_prefix=st.n_prefix)
             self._cells = self._live = res.cells_after

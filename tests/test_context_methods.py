@@ -200,3 +200,22 @@ def test_captured_queries_undo_to_the_pre_rope_projection(which, request):
     spread = lambda y: float(((y - y.mean(0)) ** 2).sum(1).mean() / (y ** 2).sum(1).mean())  # noqa: E731
     assert spread(x) < spread(wrong)
     assert x.shape[1] == d
+
+
+def test_grkv_reread_queries(tiny):
+    """GRKV fitted to the re-read pass's queries: they sit after the context
+    (non-causal surrogates), and the pass is shared with reconstruct."""
+    from grkv_cpp.compressor import _surrogates
+
+    st = tiny.prefill_state(CONTEXT, window=ALL_QUERIES)
+    s = tiny.compress_state(st, method="reconstruct+grkv", ratio=0.5, query_mode="reread", n_queries=16)
+    assert s.reread_s > 0 and s.merge_report["choice"]
+    s2 = tiny.compress_state(st, method="compactor+grkv", ratio=0.5, query_mode="reread", n_queries=16)
+    assert s2.reread_s == s.reread_s  # the same state's pass, run once
+    rr = tiny._reread_cache[2]
+    _, merge = parse_method("compactor+grkv", query_mode="reread", n_queries=16)
+    sur = _surrogates([], tiny.info, merge, 0, st.context_tokens - 1, rr)
+    q, qpos, causal, w = sur[0]
+    assert len(qpos) == 16 and not causal and qpos.min() >= st.context_tokens
+    with pytest.raises(BadRequestError, match="without its question"):
+        tiny.compress(CONTEXT, method="snapkv+grkv", ratio=0.5, question="abc", query_mode="reread")

@@ -14,7 +14,12 @@ class GRKV(Merge):
                                real positions, causal (paper-like variant);
                 "stratified" - `n_queries` queries at strata midpoints over the
                                context, re-rotated to the last position,
-                               total weight 6 (the released default).
+                               total weight 6 (the released default);
+                "reread"     - `n_queries` queries of context reconstruction's
+                               re-read pass, evenly spaced over it: real
+                               queries, after the context, that look at
+                               every part of it (weight 1 each, like the
+                               window's).
     """
 
     query_mode: str = "window"
@@ -30,8 +35,8 @@ class GRKV(Merge):
     name = "grkv"
 
     def __post_init__(self):
-        if self.query_mode not in ("window", "stratified"):
-            raise BadRequestError("GRKV query_mode must be 'window' or 'stratified'")
+        if self.query_mode not in ("window", "stratified", "reread"):
+            raise BadRequestError("GRKV query_mode must be 'window', 'stratified' or 'reread'")
         if self.steps < 1 or self.lam <= 0 or not 0 <= self.guard < 1:
             raise BadRequestError("GRKV needs steps >= 1, lam > 0 and 0 <= guard < 1")
 
