@@ -376,6 +376,21 @@ PYBIND11_MODULE(_native, m) {
               return to_numpy(std::move(k), {(py::ssize_t) sc.n_head_kv, (py::ssize_t) budget});
           },
           py::arg("scores"), py::arg("protect"), py::arg("budget"));
+    m.def("allocate_headwise",
+          [](carray<float> s, carray<uint8_t> prot, int budget, float alpha, bool across_layers) {
+              if (s.ndim() != 3 || prot.ndim() != 2) throw Error("scores must be [L, H, T] and protect [L, T]");
+              const int L = (int) s.shape(0), H = (int) s.shape(1), T = (int) s.shape(2);
+              std::vector<Scores> layers(L);
+              for (int l = 0; l < L; ++l) {
+                  layers[l].n_head_kv = H;
+                  layers[l].T = T;
+                  layers[l].s.assign(s.data() + (size_t) l * H * T, s.data() + (size_t) (l + 1) * H * T);
+                  layers[l].protect.assign(prot.data() + (size_t) l * T, prot.data() + (size_t) (l + 1) * T);
+              }
+              HeadwiseAllocation a = allocate_headwise(layers, budget, alpha, across_layers);
+              return py::make_tuple(a.slots, to_numpy(std::move(a.count), {L, H}));
+          },
+          py::arg("scores"), py::arg("protect"), py::arg("budget"), py::arg("alpha"), py::arg("across_layers"));
     m.def("f32_round_trip",
           [](carray<float> x, const std::string & dtype) {
               int32_t t = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : dtype == "f32" ? 0 : -1;

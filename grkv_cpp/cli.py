@@ -11,10 +11,13 @@ from .merges import REGISTRY as MERGES
 from .methods import REGISTRY
 
 METHODS_HELP = (f"Eviction method ({', '.join(REGISTRY)}), optionally '+merge' "
-                f"({', '.join(MERGES)}), e.g. snapkv+grkv; or 'full' for no compression.")
+                f"({', '.join(MERGES)}), e.g. compactor+grkv; a context scorer may take '-adakv' or '-global' "
+                "(head-wise budgets, e.g. compactor-adakv); or 'full' for no compression.")
 
 
 def _check_method(ctx, param, value):
+    if value is None:
+        return value
     if value == "full" and param.name != "decode_method":  # decode-time compression needs a method
         return value
     from .methods import parse_method
@@ -87,6 +90,8 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
     click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads)")
     kept = f"{kv_ratio:.0%} kept"
     runs = [("full cache", None, {}),
+            (f"compactor (the default), {kept}", "compactor", {}),
+            (f"reconstruct (re-read pass), {kept}", "reconstruct", {}),
             (f"snapkv (kvpress defaults: per head, kernel 5), {kept}", "snapkv", {}),
             (f"snapkv shared set, kernel 15, {kept}", "snapkv", dict(shared=True, kernel=15)),
             (f"snapkv shared k15 + grkv, {kept}", "snapkv+grkv", dict(shared=True, kernel=15)),
@@ -121,7 +126,8 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 @click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
 @click.option("--context-file", type=click.File("r"), required=True, help="Text file with the long context ('-' = stdin).")
 @click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
-@click.option("--method", default="snapkv", show_default=True, callback=_check_method, help=METHODS_HELP)
+@click.option("--method", default=None, callback=_check_method,
+              help=METHODS_HELP + " Default: compactor; snapkv with --query-aware or --chunk.")
 @click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache.")
 @click.option("--kv-budget", type=int, default=None, help="Kept tokens (cells).")
 @click.option("--chunk", type=int, default=None,
@@ -132,7 +138,7 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 @click.option("--window", type=int, default=32, show_default=True, help="SnapKV observation window.")
 @click.option("--kernel", type=int, default=5, show_default=True, help="SnapKV pooling kernel.")
 @click.option("--n-sink", type=int, default=4, show_default=True, help="StreamingLLM sink tokens.")
-@click.option("--query-mode", type=click.Choice(["window", "stratified"]), default="window", show_default=True,
+@click.option("--query-mode", type=click.Choice(["window", "stratified", "reread"]), default="window", show_default=True,
               help="GRKV surrogate queries.")
 @click.option("--lam", type=float, default=0.01, show_default=True, help="GRKV ridge strength.")
 @click.option("--steps", type=int, default=1, show_default=True, help="GRKV steps.")
@@ -156,6 +162,8 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
         query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
         flash_attn, threads, n_gpu_layers, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
+    if method is None:  # Compactor needs the whole context and no question; the others run chunked / query-aware
+        method = "snapkv" if query_aware or chunk is not None else "compactor"
     if method != "full" and (kv_ratio is None) == (kv_budget is None):
         raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
     if query_aware and method == "full":

@@ -36,6 +36,14 @@ def _require_window_queries(merge, what: str, reread_ok: bool = False):
         raise GrkvError(f"{what} supports GRKV's window queries only")
 
 
+def default_method(method, query_aware: bool):
+    """No method given: Compactor scores a context best without its question
+    (docs/results.md); with the question in the window, SnapKV."""
+    if method is not None:
+        return method
+    return "snapkv" if query_aware else "compactor"
+
+
 def _needs_reread(m: Method, merge) -> bool:
     return m.reread or getattr(merge, "query_mode", "") == "reread"
 
@@ -268,7 +276,7 @@ class CompressedLlama:
             self._eval(tokens[head:])
 
     # ------------------------------------------------------------- compression
-    def compress(self, context: str, *, method: str | Method = "snapkv", ratio: float | None = None,
+    def compress(self, context: str, *, method: str | Method | None = None, ratio: float | None = None,
                  budget: int | None = None, shared: bool = False, question: str | None = None,
                  answer_prefix: str = "", **params) -> Stats:
         """Prefill `context` and compress its cache to a kept `ratio` or `budget` tokens.
@@ -280,8 +288,10 @@ class CompressedLlama:
         `shared=True` keeps one token set for all layers and heads instead of
         one per (layer, KV head). `method` may name a merge after a plus sign
         (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
-        eviction method or the merge, whichever declares them."""
-        m, merge = parse_method(method, **params)
+        eviction method or the merge, whichever declares them. The default
+        method is Compactor query-agnostic (the best measured, docs/results.md)
+        and SnapKV query-aware."""
+        m, merge = parse_method(default_method(method, question is not None), **params)
         if question is not None and (m.context_scorer or _needs_reread(m, merge)):
             raise BadRequestError(f"{_label(m, merge, shared)} works on the context without its question; "
                                   "compress without question=")
@@ -518,12 +528,12 @@ class CompressedLlama:
         self._memory_stats(st.per_cell, simulate(st.cached_tokens))
         return self.stats
 
-    def compress_state(self, st: PrefilledState, *, method: str | Method = "snapkv", ratio: float | None = None,
+    def compress_state(self, st: PrefilledState, *, method: str | Method | None = None, ratio: float | None = None,
                        budget: int | None = None, shared: bool = False, **params) -> Stats:
         """Restore `st` and compress it, as `compress` would after its own
         prefill (query-aware if the state is: the whole question inside the
         observation window); prefill_s reports the shared prefill's time."""
-        m, merge = parse_method(method, **params)
+        m, merge = parse_method(default_method(method, bool(st.question_tokens)), **params)
         _require_window_queries(merge, "compress_state (stratified needs its own prefill)", reread_ok=True)
         if st.question_tokens and m.context_scorer:
             raise BadRequestError(f"{m.name} scores the context without its question; this state is query-aware")

@@ -129,3 +129,48 @@ def test_context_scorer_errors():
     with pytest.raises(NativeError, match="token range"):
         _native.score_context_layer("reconstruct", kq, np.arange(len(kq), dtype=np.int32), qq, qp, H2, 0.25, p,
                                     native_rope(rope), rk=rk, qchunk=qc, chunks=[(10, 70), (70, 500)])
+
+
+def headwise_reference(s, prot, budget, alpha, across):
+    """Each head: protected + top floor(alpha*B) fixed; the rest of the
+    layer's (or all layers') H*B slots to the best remaining scores."""
+    L, H, T = s.shape
+    count = np.zeros((L, H), int)
+    pool = []
+    for l in range(L):
+        fixed = max(int(prot[l].sum()), int(alpha * budget))
+        for h in range(H):
+            order = sorted(range(T), key=lambda t: (-int(prot[l, t]), -s[l, h, t]))
+            count[l, h] = fixed
+            pool += [(s[l, h, t], l, h) for t in order[fixed:]]
+        if not across:
+            for _, ll, hh in sorted(pool, key=lambda x: -x[0])[: H * (budget - fixed)]:
+                count[ll, hh] += 1
+            pool = []
+    if across:
+        fixed = max(int(prot[0].sum()), int(alpha * budget))
+        for _, ll, hh in sorted(pool, key=lambda x: -x[0])[: L * H * (budget - fixed)]:
+            count[ll, hh] += 1
+    return count.max(), count
+
+
+@pytest.mark.parametrize("across", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_headwise_allocation_matches_reference(across, alpha):
+    rng = np.random.default_rng(1)
+    L, H, T, B = 3, 4, 60, 20
+    # heads with concentrated and with diffuse scores, so allocations differ
+    s = (rng.standard_normal((L, H, T)) * rng.uniform(0.2, 3, (L, H, 1))).astype(np.float32)
+    prot = np.zeros((L, T), np.uint8)
+    prot[:, :3] = 1
+    slots, count = _native.allocate_headwise(s, prot, B, alpha, across)
+    rslots, rcount = headwise_reference(s, prot, B, alpha, across)
+    assert slots == rslots and (count == rcount).all()
+    # the budget is spent exactly (per layer, or over all layers), and the cells cover the busiest head
+    if across:
+        assert count.sum() == L * H * B
+    else:
+        assert (count.sum(1) == H * B).all()
+    assert slots == count.max() >= B
+    if alpha == 1.0:
+        assert slots == B  # the floor is the whole budget: uniform
