@@ -164,7 +164,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         w = min(merge.window if merge is not None else 0, n_cells)
     window_start = int(positions[-w]) if w else int(positions[-1]) + 1
     layers = captured or []
-    needs_prefill_queries = method.needs_queries and not getattr(method, "reread", False)
+    needs_prefill_queries = method.needs_queries and not method.reread
     if not layers and (needs_prefill_queries or merge is not None and merge.name == "grkv"):
         if capture is None:
             raise CompressionError(f"{method.name} needs the queries captured during prefill")

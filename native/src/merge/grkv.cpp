@@ -7,6 +7,7 @@
 
 #include "grkv/common.h"
 #include "grkv/merge.h"
+#include "../linalg.h"
 #include "gemm.h"
 
 namespace grkv {
@@ -22,18 +23,7 @@ inline float dot(const float * a, const float * b, int n) {
 
 // In-place Cholesky of an SPD n x n matrix (lower), then solve for nrhs columns.
 void cholesky_solve(std::vector<double> & M, int n, std::vector<double> & rhs, int nrhs) {
-    for (int j = 0; j < n; ++j) {
-        double s = M[(size_t) j * n + j];
-        for (int k = 0; k < j; ++k) s -= M[(size_t) j * n + k] * M[(size_t) j * n + k];
-        if (s <= 0) throw Error("GRKV: value-step system is not positive definite");
-        const double ljj = std::sqrt(s);
-        M[(size_t) j * n + j] = ljj;
-        for (int i = j + 1; i < n; ++i) {
-            double t = M[(size_t) i * n + j];
-            for (int k = 0; k < j; ++k) t -= M[(size_t) i * n + k] * M[(size_t) j * n + k];
-            M[(size_t) i * n + j] = t / ljj;
-        }
-    }
+    if (!cholesky(M, n)) throw Error("GRKV: value-step system is not positive definite");
     for (int c = 0; c < nrhs; ++c) {  // rhs is [n][nrhs]
         for (int i = 0; i < n; ++i) {
             double t = rhs[(size_t) i * nrhs + c];

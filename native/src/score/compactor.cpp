@@ -4,31 +4,11 @@
 #include <cmath>
 #include <vector>
 
+#include "../linalg.h"
 #include "../merge/gemm.h"
 #include "context_common.h"
 
 namespace grkv {
-namespace {
-
-// In-place Cholesky of a d x d SPD matrix (lower triangle); false if not SPD.
-bool cholesky(std::vector<double> & A, int d) {
-    for (int j = 0; j < d; ++j) {
-        double s = A[(size_t) j * d + j];
-        for (int k = 0; k < j; ++k) s -= A[(size_t) j * d + k] * A[(size_t) j * d + k];
-        if (s <= 0) return false;
-        const double l = std::sqrt(s);
-        A[(size_t) j * d + j] = l;
-        for (int i = j + 1; i < d; ++i) {
-            double t = A[(size_t) i * d + j];
-            for (int k = 0; k < j; ++k) t -= A[(size_t) i * d + k] * A[(size_t) j * d + k];
-            A[(size_t) i * d + j] = t / l;
-        }
-    }
-    return true;
-}
-
-}  // namespace
-
 Scores score_compactor(const LayerInput & in, const ContextParams & p) {
     check_context_input(in, "compactor");
     if (!in.q || in.w != in.T) throw Error("compactor needs the queries of every context token");
