@@ -184,7 +184,7 @@ PYBIND11_MODULE(_native, m) {
                 float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
                 float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
                 py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
-                float headwise_alpha) {
+                float headwise_alpha, py::object key_pos) {
                  CompressRequest req;
                  req.headwise = headwise;
                  req.headwise_alpha = headwise_alpha;
@@ -200,6 +200,16 @@ PYBIND11_MODULE(_native, m) {
                  }
                  req.shape = ModelShape{n_head, n_head_kv, scale};
                  req.queries = to_queries(queries);
+                 if (!key_pos.is_none()) {  // [L][n_head_kv][n_cells]: compactor's true key positions
+                     auto kp = key_pos.cast<carray<int32_t>>();
+                     if (kp.ndim() != 3 || (size_t) kp.shape(0) != req.queries.size()) {
+                         throw Error("key_pos must be [n_layer, n_head_kv, n_cells], one layer per query set");
+                     }
+                     const size_t per = (size_t) kp.shape(1) * kp.shape(2);
+                     for (py::ssize_t l = 0; l < kp.shape(0); ++l) {
+                         req.queries[l].kpos.assign(kp.data() + l * per, kp.data() + (l + 1) * per);
+                     }
+                 }
                  req.budget = budget;
                  req.shared = shared;
                  req.label_end = label_end;
@@ -251,7 +261,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
              py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
              py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
-             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f)
+             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f, py::arg("key_pos") = py::none())
         ;
 
     py::class_<ContextParams>(m, "ContextParams")
@@ -280,7 +290,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("score_context_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos,
              int n_head, float scale, const ContextParams & p, const RopeParams & rope, py::object v, py::object rk,
-             py::object qchunk, py::object chunks) {
+             py::object qchunk, py::object chunks, py::object hist, py::object kpos, bool carry) {
               if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
               LayerInput in;
               in.k = k.data();
@@ -299,6 +309,20 @@ PYBIND11_MODULE(_native, m) {
               if (!v.is_none()) in.v = (va = v.cast<carray<float>>()).data();
               if (!rk.is_none()) in.rk = (rka = rk.cast<carray<float>>()).data();
               if (!qchunk.is_none()) in.qchunk = (qc = qchunk.cast<carray<int32_t>>()).data();
+              carray<float> ha;
+              carray<int32_t> kpa;
+              const float * h = nullptr;
+              if (!hist.is_none()) {
+                  ha = hist.cast<carray<float>>();
+                  if (ha.size() != (py::ssize_t) in.n_head_kv * in.T) throw Error("hist must be [n_head_kv, T]");
+                  h = ha.data();
+              }
+              if (!kpos.is_none()) {
+                  kpa = kpos.cast<carray<int32_t>>();
+                  if (kpa.size() != (py::ssize_t) in.n_head_kv * in.T) throw Error("kpos must be [n_head_kv, T]");
+                  in.kpos = kpa.data();
+              }
+              std::vector<float> tile;
               MethodParams mp;
               set_context(mp, py::none(), py::none(), chunks);
               in.chunk_lo = mp.chunk_lo.data();
@@ -308,15 +332,21 @@ PYBIND11_MODULE(_native, m) {
               {
                   py::gil_scoped_release nogil;
                   if (method == "expected") sc = score_expected(in, p);
-                  else if (method == "compactor") sc = score_compactor(in, p);
+                  else if (method == "compactor") sc = score_compactor(in, p, h, carry ? &tile : nullptr);
                   else if (method == "reconstruct") sc = score_reconstruct(in, p);
                   else throw Error("unknown context scorer " + method);
               }
-              return py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T}));
+              if (carry) {
+                  if (method != "compactor") throw Error("only compactor carries its scores");
+                  return py::object(py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T}),
+                                                   to_numpy(tile, {in.n_head_kv, in.T})));
+              }
+              return py::object(py::make_tuple(to_numpy(sc.s, {in.n_head_kv, in.T}), to_numpy(sc.protect, {in.T})));
           },
           py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q"), py::arg("qpos"), py::arg("n_head"),
           py::arg("scale"), py::arg("params"), py::arg("rope"), py::arg("v") = py::none(), py::arg("rk") = py::none(),
-          py::arg("qchunk") = py::none(), py::arg("chunks") = py::none());
+          py::arg("qchunk") = py::none(), py::arg("chunks") = py::none(), py::arg("hist") = py::none(),
+          py::arg("kpos") = py::none(), py::arg("carry") = false);
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
     m.def("score_layer",

@@ -107,8 +107,10 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
     return sur
 
 
-def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix: int):
-    """A context scorer's queries and settings for the native core."""
+def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix: int, carried: int = 0):
+    """A context scorer's queries and settings for the native core. The first
+    `carried` cells (compactor@budget) bring their score along; the queries
+    cover the rest."""
     if method.reread:
         if reread is None:
             raise CompressionError(f"{method.name} needs the re-read pass (reread.run) first")
@@ -118,10 +120,11 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
             raise CompressionError(f"{method.name} undoes RoPE, which is refused for this model: "
                                    f"{info.rope_rerotation_refused}")
         queries, chunks = [], None
+        need = positions[carried:]
         for q, p in layers:
-            sel = np.isin(p, positions)
-            if int(sel.sum()) != len(positions):
-                raise CompressionError(f"{method.name} needs the queries of all {len(positions)} cached tokens; "
+            sel = np.isin(p, need)
+            if int(sel.sum()) != len(need):
+                raise CompressionError(f"{method.name} needs the queries of all {len(need)} cached tokens; "
                                        f"{int(sel.sum())} were captured")
             order = np.argsort(p[sel], kind="stable")
             queries.append((np.ascontiguousarray(q[sel][order]), np.ascontiguousarray(p[sel][order])))
@@ -132,7 +135,7 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
                    shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
                    captured: list | None = None, history: np.ndarray | None = None, reread=None,
-                   n_prefix: int = 0) -> CompressResult:
+                   n_prefix: int = 0, key_pos: np.ndarray | None = None, carried: int = 0) -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
     restored to its state before the call and CompressionError is raised.
     `captured` (per cache layer: query rows [n, n_head, head_dim] and their
@@ -142,7 +145,10 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     new global scores come back in merge_report["global"].
     Context scorers: `reread` (reread.Reread) holds the re-read pass's
     queries for reconstruct; `n_prefix` is the chat template's prefix length,
-    the sinks they protect by default."""
+    the sinks they protect by default. compactor@budget: `history` holds
+    the cells' tile attention (the first `carried` cells' from the previous
+    compression) and `key_pos` their keys' true positions [n_layer,
+    n_head_kv, n_cells]."""
     t0 = time.perf_counter()
     blob = kvstate.get_blob(ctx)
     state = kvstate.parse(blob)
@@ -174,7 +180,9 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             raise CompressionError(f"no captured queries: {e}") from e
     ctx_args = {}
     if method.context_scorer:
-        queries, ctx_args = _context_inputs(method, info, layers, positions, reread, n_prefix)
+        queries, ctx_args = _context_inputs(method, info, layers, positions, reread, n_prefix, carried)
+        if key_pos is not None:
+            ctx_args["key_pos"] = key_pos
     elif method.needs_queries:
         queries = [(q[p >= window_start], p[p >= window_start]) for q, p in layers]
     else:

@@ -354,9 +354,17 @@ class CompressedLlama:
         compression: drop it when the context changes."""
         m, merge = parse_method(method, **params)
         _require_window_queries(merge, "budgeted prefill")
-        if m.context_scorer:
-            raise BadRequestError(f"{m.name} is not available in the budgeted prefill yet; use snapkv, gkv, laser, "
-                                  "knorm or streaming there")
+        # Compactor's tile attention depends on its own tile only, so each
+        # chunk's queries score the chunk once and its score travels with the
+        # kept cells; the other context scorers need every token's queries
+        # (or a re-read) at once.
+        carry = m.name == "compactor"
+        if m.context_scorer and not carry:
+            raise BadRequestError(f"{m.name} is not available in the budgeted prefill; use compactor, snapkv, gkv, "
+                                  "laser, knorm or streaming there")
+        if carry and (shared or question is not None or merge is not None or m.headwise != "none"):
+            raise BadRequestError("compactor@budget runs per head, query-agnostic, without a merge or head-wise "
+                                  "budgets")
         if budget < 1 or chunk < 1:
             raise BadRequestError("budget and chunk must be >= 1 token")
         with self._keep_context_on_failure():
@@ -366,8 +374,10 @@ class CompressedLlama:
             q_tokens = self._question_tokens(question) if question is not None else None
             if q_tokens is not None:
                 self._check_room(budget + chunk + len(q_tokens) + 1)
-            w_max = observation_window(m, merge)
+            w_max = 0 if carry else observation_window(m, merge)
             _require_window_fits(w_max, budget)
+            n_prefix = self._n_prefix if carry else 0
+            tile = {"hist": None, "kpos": None}  # compactor: kept cells' tile attention and true positions
             self._reset()
             t = {"prefill": 0.0, "compress": 0.0, "n": 0}
             self.budget_trace = []  # cells held after each chunk (after its compression)
@@ -375,10 +385,16 @@ class CompressedLlama:
             def after_chunk(captured):
                 t0 = time.perf_counter()
                 if self._live > budget:
+                    extra = self._carried_inputs(tile) if carry else {}
                     res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
-                                         capture=self.capture, n_threads=self.n_threads, captured=captured)
+                                         capture=self.capture, n_threads=self.n_threads, captured=captured,
+                                         n_prefix=n_prefix, **extra)
                     self._live = res.cells_after
                     t["n"] += 1
+                    if carry:
+                        tile["hist"] = res.merge_report["global"]
+                        tile["kpos"] = np.take_along_axis(extra["key_pos"], res.keep, axis=2)
+                        self.capture.clear()
                 self.budget_trace.append(self._live)
                 t["compress"] += time.perf_counter() - t0
 
@@ -388,7 +404,7 @@ class CompressedLlama:
             first = next((i for i, a in enumerate(starts) if min(a + chunk, len(tokens)) > budget), None)
             key = None
             if prefixes is not None and q_tokens is None and first is not None:
-                key = (id(self), tuple(tokens), chunk, w_max)  # a blob fits only the model that wrote it
+                key = (id(self), tuple(tokens), chunk, w_max, carry)  # a blob fits only the model that wrote it
             i0 = 0
             fits = [p for (k, _), p in prefixes.items() if k == key and p.n_chunks <= first + 1] if key else []
             if fits:
@@ -415,6 +431,11 @@ class CompressedLlama:
                     kvstate.remove_from(self.ctx, end)  # the question's cells go; its queries stay
                     self.llm.n_tokens = end
                     self._live -= len(q_tokens)
+                elif carry:  # every token's queries, kept until the next compression
+                    if i == i0:  # set_targets drops the rows captured so far
+                        self.capture.set_targets([(*QUERIES, list(range(len(tokens))))])
+                    with self.capture.enabled(clear=False):
+                        self._eval(piece)
                 elif w:
                     self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
                     self._eval(piece[: len(piece) - w])
@@ -425,7 +446,7 @@ class CompressedLlama:
                 t["prefill"] += time.perf_counter() - t0
                 if key is not None and i == first and (key, i + 1) not in prefixes:
                     try:
-                        captured = captured_queries(self.capture, self.info) if w else []
+                        captured = captured_queries(self.capture, self.info) if w or carry else []
                     except NativeError as e:  # as compress_cache reports it on the fresh path
                         raise CompressionError(f"no captured queries: {e}") from e
                     prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(self.ctx), i + 1, self.llm.n_tokens,
@@ -445,6 +466,20 @@ class CompressedLlama:
         self._memory_stats(kvstate.bytes_per_cell(state),
                            simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats
+
+    def _carried_inputs(self, tile: dict) -> dict:
+        """compactor@budget: the kept cells' tile attention and true positions,
+        then the cells added since (their queries are in the capture)."""
+        state = kvstate.parse(kvstate.get_blob(self.ctx))
+        pos = state.positions(0).astype(np.int32)
+        L, hkv, n = len(self.info.cache_layers), self.info.n_head_kv, len(pos)
+        hist = np.zeros((L, hkv, n), np.float32)
+        kpos = np.broadcast_to(pos, (L, hkv, n)).copy()
+        old = 0 if tile["hist"] is None else tile["hist"].shape[2]
+        if old:
+            hist[:, :, :old] = tile["hist"]
+            kpos[:, :, :old] = tile["kpos"]
+        return {"history": hist, "key_pos": kpos, "carried": old}
 
     def kv_cache_sizes(self) -> list[int]:
         """Cells llama.cpp allocated per cache: n_ctx, and for an iSWA model

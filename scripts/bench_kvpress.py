@@ -92,6 +92,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -101,7 +102,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("full", "snapkv", "knorm", "streaming")
+METHODS = ("full", "snapkv", "knorm", "streaming", "compactor", "compactor-adakv", "expected", "expected-adakv",
+           "kvzip")
 _CTRL = re.compile(r"[\x00-\x1f]")
 
 
@@ -228,12 +230,18 @@ def load_model(gguf: Path, dtype_name: str):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     model.eval()
+    # KVzipPress reloads the tokenizer from model.config.name_or_path: give it a
+    # local folder (a GGUF has no Hub name, and nothing may be downloaded)
+    tok_dir = Path(tempfile.mkdtemp(prefix="kvpress-tok-"))
+    tok.save_pretrained(tok_dir)
+    model.config.name_or_path = model.config._name_or_path = str(tok_dir)
     return model, tok
 
 
 def make_press(method: str, kept: float, a):
     """kvpress press for a KEPT fraction (compression_ratio = 1 - kept)."""
-    from kvpress import KnormPress, SnapKVPress, StreamingLLMPress
+    from kvpress import (AdaKVPress, CompactorPress, ExpectedAttentionPress, KnormPress, KVzipPress, SnapKVPress,
+                         StreamingLLMPress)
 
     if method == "full":
         return None
@@ -252,6 +260,16 @@ def make_press(method: str, kept: float, a):
     if method == "streaming":
         kw = {} if a.n_sink is None else {"n_sink": a.n_sink}
         return StreamingLLMPress(compression_ratio=cr, **kw)
+    # the query-agnostic presses, with the leaderboard's settings (AdaKV alpha 0.2;
+    # Expected Attention epsilon 1e-2); AdaKV and KVzip mask evicted entries
+    # instead of freeing them, Compactor alone frees memory
+    base, _, wrap = method.partition("-")
+    if base in ("compactor", "expected") and wrap in ("", "adakv"):
+        inner = (CompactorPress(compression_ratio=cr) if base == "compactor"
+                 else ExpectedAttentionPress(compression_ratio=cr, epsilon=1e-2))
+        return AdaKVPress(press=inner, alpha_safeguard=0.2) if wrap else inner
+    if method == "kvzip":
+        return KVzipPress(compression_ratio=cr)
     raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
 
 

@@ -85,20 +85,30 @@ def _z(x, prot):
 
 
 def compactor_scores(k, v, pos, q, n_head, scale, rope, n_sink=8, n_recent=4, chunk=256, beta=0.5, ridge=1e-2,
-                     chunk_scale=False):
+                     chunk_scale=False, hist=None):
+    """pos: [T], or [Hkv, T] keys' true positions per head (a relabelled
+    budgeted cache). hist [Hkv, t0]: the first t0 tokens' tile attention,
+    carried; q then holds the last T - t0 tokens' queries, tiled from t0."""
     k, v, q = _t(k), _t(v), _t(q)
     T, Hkv, d = k.shape
     G = n_head // Hkv
+    t0 = 0 if hist is None else hist.shape[1]
     att = torch.zeros(Hkv, T, dtype=torch.float64)
+    if t0:
+        att[:, :t0] = _t(hist)
     zs = scale if chunk_scale else 1.0
-    for a in range(0, T, chunk):
+    for a in range(t0, T, chunk):
         b = min(T, a + chunk)
         for hq in range(n_head):
-            p = torch.softmax(zs * q[a:b, hq] @ k[a:b, hq // G].T, dim=-1)  # non-causal inside the tile
+            p = torch.softmax(zs * q[a - t0:b - t0, hq] @ k[a:b, hq // G].T, dim=-1)  # non-causal inside the tile
             att[hq // G, a:b] += p.sum(0) / G
     att = att * v.norm(dim=-1).T
     att = F.avg_pool1d(att[None], 3, stride=1, padding=1, count_include_pad=True)[0]
-    kt = derotate(k, pos, rope)
+    pos = torch.as_tensor(pos)
+    if pos.dim() == 1:
+        kt = derotate(k, pos, rope)
+    else:
+        kt = torch.cat([derotate(k[:, h:h + 1], pos[h], rope) for h in range(Hkv)], dim=1)
     lev = torch.zeros(Hkv, T, dtype=torch.float64)
     for h in range(Hkv):
         X = kt[:, h] - kt[:, h].mean(0)

@@ -14,7 +14,7 @@ from grkv_cpp.errors import GrkvError
 CONTEXT = "abc def ghi jkl mno pqr " * 400  # ~2,400+ tokens with the byte-level tiny vocabulary
 
 
-@pytest.mark.parametrize("method", ["snapkv", "knorm", "snapkv+grkv"])
+@pytest.mark.parametrize("method", ["snapkv", "knorm", "snapkv+grkv", "compactor"])
 def test_prompt_longer_than_the_context_runs_in_budget(tiny_gguf, method):
     m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
     with pytest.raises(GrkvError, match="budgeted request"):
@@ -28,6 +28,25 @@ def test_prompt_longer_than_the_context_runs_in_budget(tiny_gguf, method):
     assert st2.part_info(0)["n_cells"] == 256
     m.ask("abc", max_tokens=4)  # decoding continues past n_ctx positions
     assert kvstate.pos_range(m.ctx)[1] == st.context_tokens - 1
+
+
+def test_compactor_budgeted_one_compression_equals_compress(tiny_gguf):
+    """With one chunk the budgeted compactor compresses once, from the same
+    queries as compress(): the caches are byte-identical. With several chunks
+    the carried tile scores differ from a whole-context scoring, and the
+    cache keeps every head's sinks."""
+    m = CompressedLlama(tiny_gguf, n_ctx=2048, n_batch=128)
+    ctx = CONTEXT[:1500]
+    n = len(m._tokens_for(ctx))
+    m.compress(ctx, method="compactor", budget=n // 2)
+    whole = kvstate.get_blob(m.ctx)
+    st = m.compress_budgeted(ctx, budget=n // 2, chunk=n, method="compactor")
+    assert st.compressions == 1 and kvstate.get_blob(m.ctx) == whole
+    st = m.compress_budgeted(ctx, budget=n // 2, chunk=96, method="compactor")
+    assert st.compressions > 1 and max(m.budget_trace) <= n // 2
+    assert kvstate.get_blob(m.ctx) != whole
+    with pytest.raises(GrkvError, match="per head"):
+        m.compress_budgeted(ctx, budget=n // 2, chunk=96, method="compactor", shared=True)
 
 
 def test_cli_budgeted(tiny_gguf, tmp_path):

@@ -82,6 +82,42 @@ def test_compactor_matches_reference(seed, neox, chunk, chunk_scale, beta):
     assert (prot.astype(bool) == rprot.numpy()).all()
 
 
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("t0,chunk", [(64, 64), (100, 50), (90, 256)])
+def test_compactor_carried_matches_reference(neox, t0, chunk):
+    """compactor@budget: the first t0 cells bring their tile attention along
+    (hist) and their keys' true positions differ per head (the per-head layout
+    relabelled the cells); the queries cover only the cells after t0."""
+    k, v, q, _, H, rope = layer(4, neox=neox)
+    T, Hkv = k.shape[0], k.shape[1]
+    rng = np.random.default_rng(5)
+    true = np.stack([np.sort(rng.choice(400, T, replace=False)) for _ in range(Hkv)]).astype(np.int32)
+    # each head's key rotated at its own true position, as a relabelled cache holds them
+    k = np.stack([rotate(rc.derotate(k[:, h:h + 1], np.arange(T), rope).numpy(), true[h], rope)[:, 0]
+                  for h in range(Hkv)], axis=1)
+    cells = np.arange(T, dtype=np.int32) + 400  # the labels llama.cpp sees
+    hist = rng.uniform(0.1, 3.0, (Hkv, T)).astype(np.float32)
+    hist[:, t0:] = 1e9  # past t0 the history must be ignored
+    scale = 1 / np.sqrt(k.shape[-1])
+    p = params(n_sink=8, n_recent=0, chunk=chunk, beta=0.5, ridge=1e-2)
+    s, prot, tile = _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
+                                                native_rope(rope), v=v, hist=hist, kpos=true, carry=True)
+    rs, rprot = rc.compactor_scores(k, v, true, q[t0:], H, scale, rope, n_sink=8, n_recent=0, chunk=chunk, beta=0.5,
+                                    hist=hist[:, :t0])
+    np.testing.assert_allclose(s, rs.numpy(), rtol=1e-3, atol=2e-4)
+    assert (prot.astype(bool) == rprot.numpy()).all()
+    np.testing.assert_array_equal(tile[:, :t0], hist[:, :t0])
+    # carrying a full scoring's own tile attention reproduces it when the tiles line up
+    full, _, att = _native.score_context_layer("compactor", k, cells, q, cells, H, scale, p, native_rope(rope), v=v,
+                                               kpos=true, carry=True)
+    if t0 % chunk == 0:
+        part, _ = _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
+                                              native_rope(rope), v=v, hist=att, kpos=true)
+        np.testing.assert_allclose(part, full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NativeError):  # queries for fewer cells need the carried history
+        _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p, native_rope(rope), v=v)
+
+
 def reread_layer(seed, T=120, Hkv=2, G=3, d=16, chunks=((10, 70), (70, 120)), prompt=6):
     """Context keys and a re-read pass over `chunks` at positions T.."""
     rng = np.random.default_rng(seed)

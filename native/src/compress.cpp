@@ -56,10 +56,10 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
     }
     const int T = view.n_tokens();
     if (history && !history->empty()) {
-        if ((int) history->size() != L) throw Error("G-KV history must hold every cache layer");
+        if ((int) history->size() != L) throw Error("the carried history must hold every cache layer");
         for (const auto & h : *history) {
             if (h.size() != (size_t) shape.n_head_kv * T) {
-                throw Error("G-KV history must be [n_head_kv][n_cells] per layer (" + std::to_string(T) + " cells)");
+                throw Error("the carried history must be [n_head_kv][n_cells] per layer (" + std::to_string(T) + " cells)");
             }
         }
     }
@@ -91,6 +91,12 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
             }
             in.q = lq.q.data();
             in.qpos = lq.qpos.data();
+            if (!lq.kpos.empty()) {
+                if (lq.kpos.size() != (size_t) shape.n_head_kv * in.T) {
+                    throw Error("layer " + std::to_string(l) + ": key positions must be [n_head_kv][n_cells]");
+                }
+                in.kpos = lq.kpos.data();
+            }
             if (m.name == "reconstruct") {
                 if (lq.rk.size() != (size_t) in.w * shape.n_head_kv * in.head_dim || lq.qchunk.size() != (size_t) in.w) {
                     throw Error("layer " + std::to_string(l) + ": re-read keys or chunks do not match the queries");
@@ -114,7 +120,10 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
         } else if (m.name == "laser") out[l] = score_laser(in, m.n_sink, m.n_local);
         else if (m.name == "knorm") out[l] = score_knorm(in);
         else if (m.name == "expected") out[l] = score_expected(in, m.ctx);
-        else if (m.name == "compactor") out[l] = score_compactor(in, m.ctx);
+        else if (m.name == "compactor") {
+            const float * h = history && !history->empty() ? (*history)[l].data() : nullptr;
+            out[l] = score_compactor(in, m.ctx, h, global ? &(*global)[l] : nullptr);
+        }
         else if (m.name == "reconstruct") out[l] = score_reconstruct(in, m.ctx);
         else out[l] = score_streaming(in, m.n_sink);
     });

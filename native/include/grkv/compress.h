@@ -29,6 +29,7 @@ struct LayerQueries {
     std::vector<int32_t> qpos;     // [w]
     std::vector<float> rk;         // reconstruct: the re-read tokens' keys [w][n_head_kv][head_dim]
     std::vector<int32_t> qchunk;   // reconstruct: the re-read chunk of each query [w]
+    std::vector<int32_t> kpos;     // compactor: the keys' true positions [n_head_kv][n_cells], or empty
 };
 
 struct ModelShape {
@@ -87,7 +88,7 @@ struct CompressRequest {
     std::vector<LayerSurrogate> surrogate; // GRKV only
     int32_t window_start = 0;              // tokens at/after this position stay fixed (GRKV)
     int n_threads = 1;
-    std::vector<std::vector<float>> history;  // G-KV: per layer [n_head_kv][n_cells], or empty
+    std::vector<std::vector<float>> history;  // G-KV, compactor: carried per-cell scores [n_head_kv][n_cells] per layer, or empty
     std::string headwise = "none";         // none | adakv (per layer) | global (over layers): head-wise budgets
     float headwise_alpha = 0.2f;           // their per-head floor, as a fraction of the budget
 };
@@ -97,7 +98,7 @@ struct CompressOutcome {
     int slots = 0;                         // cells kept: the budget, or a head-wise allocation's busiest head
     std::vector<int32_t> headwise_count;   // head-wise budgets: each head's own allocation [L][n_head_kv]
     MergeReport report;
-    std::vector<float> global;             // G-KV: kept tokens' global scores [L][n_head_kv][budget]
+    std::vector<float> global;             // G-KV, compactor: kept tokens' carried scores [L][n_head_kv][budget]
 };
 
 // score -> select -> merge -> rebuild the stream (replaces `st`). Per-head

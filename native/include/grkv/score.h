@@ -20,6 +20,9 @@ struct LayerInput {
     // Context scorers (expected, compactor, reconstruct) only:
     const float * v = nullptr;       // [T][n_head_kv][head_dim] values
     RopeParams rope;                 // the model's RoPE, to undo or average it
+    // Keys' true positions per head [n_head_kv][T], where a per-head layout
+    // relabelled the cells (budgeted prefill); null: `pos`.
+    const int32_t * kpos = nullptr;
     // reconstruct: the re-read tokens' own keys [w][n_head_kv][head_dim], the
     // chunk each re-read query belongs to [w] (ascending), and per chunk the
     // context token range [lo, hi) it re-reads.
@@ -79,7 +82,12 @@ struct ContextParams {
 Scores score_expected(const LayerInput & in, const ContextParams & p);
 // Compactor: z(non-causal chunked attention * ||v||, width-3 average) +
 // beta * z(ridge leverage of the de-rotated, centred keys), z over the layer.
-Scores score_compactor(const LayerInput & in, const ContextParams & p);
+// A token's tile attention depends on its own tile only, so it can be carried:
+// with `hist` ([n_head_kv][T]) the queries may cover only the last w cells
+// (tiled from the first of them) and the earlier cells take their attention
+// from `hist`; `carry` receives every cell's tile attention (budgeted prefill).
+Scores score_compactor(const LayerInput & in, const ContextParams & p, const float * hist = nullptr,
+                       std::vector<float> * carry = nullptr);
 // Context reconstruction (KVzip): the largest attention a context token gets
 // from the re-read queries, softmax restricted to sinks + chunk + re-read keys,
 // max over the GQA group. Comparable across heads and layers (probabilities).

@@ -201,7 +201,7 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
     if (mp.ctx.beta < 0) mp.ctx.beta = 1.0f - (float) req.budget / (float) std::max(1, view.n_tokens());
     if (mp.ctx.next_pos < 0) mp.ctx.next_pos = req.label_end + 1;
     std::vector<Scores> sc = score_layers(view, mp, req.shape, req.queries, req.n_threads, &req.history,
-                                          mp.name == "gkv" ? &glob : nullptr);
+                                          mp.name == "gkv" || mp.name == "compactor" ? &glob : nullptr);
     // Head-wise budgets: the busiest head's allocation sets the cells, and
     // every head fills them with its own best tokens (select_headwise.cpp).
     int budget = req.budget;
@@ -216,7 +216,7 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
         budget = breq.budget = a.slots;
     }
     out.slots = budget;
-    // G-KV: the kept tokens' global scores, slot order (keep is ascending per head)
+    // G-KV, compactor: the kept tokens' carried scores, slot order (keep is ascending per head)
     auto gather_global = [&]() {
         if (glob.empty()) return;
         const int T = view.n_tokens();

@@ -9,11 +9,16 @@
 #include "context_common.h"
 
 namespace grkv {
-Scores score_compactor(const LayerInput & in, const ContextParams & p) {
+Scores score_compactor(const LayerInput & in, const ContextParams & p, const float * hist, std::vector<float> * carry) {
     check_context_input(in, "compactor");
-    if (!in.q || in.w != in.T) throw Error("compactor needs the queries of every context token");
-    for (int t = 0; t < in.T; ++t)
-        if (in.qpos[t] != in.pos[t]) throw Error("compactor: query positions must be the cached tokens' positions");
+    if (!in.q || in.w > in.T || (in.w != in.T && !hist)) {
+        throw Error("compactor needs the queries of every context token (or the earlier ones' carried attention)");
+    }
+    const int t0 = in.T - in.w;  // cells before t0 take their tile attention from hist
+    for (int t = 0; t < in.w; ++t)
+        if (in.qpos[t] != in.pos[t0 + t]) {
+            throw Error("compactor: query positions must be the last cached tokens' positions");
+        }
     if (p.chunk < 1) throw Error("compactor: chunk must be >= 1");
     if (in.rope.n_rot <= 0 || in.rope.n_rot > in.head_dim) throw Error("compactor needs the model's RoPE");
     const int d = in.head_dim, T = in.T, G = in.n_head / in.n_head_kv;
@@ -22,9 +27,12 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p) {
 
     // 1. non-causal chunked attention, mean over the group, times ||v||, width-3 average
     std::vector<float> att((size_t) in.n_head_kv * T, 0.0f);
+    if (hist)
+        for (int hk = 0; hk < in.n_head_kv; ++hk)
+            std::copy(hist + (size_t) hk * T, hist + (size_t) hk * T + t0, att.begin() + (size_t) hk * T);
     const float zs = p.chunk_scale ? in.scale : 1.0f;
     std::vector<float> KT, L;
-    for (int a = 0; a < T; a += p.chunk) {
+    for (int a = t0; a < T; a += p.chunk) {
         const int n = std::min(p.chunk, T - a);
         KT.assign((size_t) d * n, 0.0f);
         L.assign((size_t) n * n, 0.0f);
@@ -33,7 +41,7 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p) {
                 for (int e = 0; e < d; ++e) KT[(size_t) e * n + t] = in.k[((size_t) (a + t) * in.n_head_kv + hk) * d + e];
             for (int g = 0; g < G; ++g) {
                 const int hq = hk * G + g;
-                gemm(n, n, d, in.q + ((size_t) a * in.n_head + hq) * d, (size_t) in.n_head * d, 1, KT.data(), L.data());
+                gemm(n, n, d, in.q + ((size_t) (a - t0) * in.n_head + hq) * d, (size_t) in.n_head * d, 1, KT.data(), L.data());
                 for (int i = 0; i < n; ++i) {
                     float * row = L.data() + (size_t) i * n;
                     float mx = -INFINITY;
@@ -47,6 +55,7 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p) {
             }
         }
     }
+    if (carry) *carry = att;
     const std::vector<float> vn = value_norms(in);
     std::vector<float> A((size_t) in.n_head_kv * T);
     for (int hk = 0; hk < in.n_head_kv; ++hk) {
@@ -65,7 +74,8 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p) {
     for (int hk = 0; hk < in.n_head_kv; ++hk) {
         std::fill(mean.begin(), mean.end(), 0.0);
         for (int t = 0; t < T; ++t) {
-            derotate(in.k + ((size_t) t * in.n_head_kv + hk) * d, d, in.rope, in.pos[t], X.data() + (size_t) t * d);
+            const int32_t kp = in.kpos ? in.kpos[(size_t) hk * T + t] : in.pos[t];
+            derotate(in.k + ((size_t) t * in.n_head_kv + hk) * d, d, in.rope, kp, X.data() + (size_t) t * d);
             for (int e = 0; e < d; ++e) mean[e] += X[(size_t) t * d + e];
         }
         for (int e = 0; e < d; ++e) mean[e] /= T;
