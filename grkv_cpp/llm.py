@@ -61,6 +61,12 @@ def _require_window_fits(window: int, budget: int):
         raise BadRequestError(f"the protected window ({window}) does not fit the budget ({budget})")
 
 
+def _join_layers(parts: list) -> list:
+    """Per cache layer, the query rows and positions of several captures, in order."""
+    return [(np.concatenate([p[l][0] for p in parts]), np.concatenate([p[l][1] for p in parts]))
+            for l in range(len(parts[0]))]
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefilledState:
     """A context prefilled once with the full cache: its KV state and the
@@ -377,7 +383,8 @@ class CompressedLlama:
             w_max = 0 if carry else observation_window(m, merge)
             _require_window_fits(w_max, budget)
             n_prefix = self._n_prefix if carry else 0
-            tile = {"hist": None, "kpos": None}  # compactor: kept cells' tile attention and true positions
+            # compactor: kept cells' tile attention and true positions; queries of the cells added since
+            tile = {"hist": None, "kpos": None, "pending": []}
             self._reset()
             t = {"prefill": 0.0, "compress": 0.0, "n": 0}
             self.budget_trace = []  # cells held after each chunk (after its compression)
@@ -394,7 +401,7 @@ class CompressedLlama:
                     if carry:
                         tile["hist"] = res.merge_report["global"]
                         tile["kpos"] = np.take_along_axis(extra["key_pos"], res.keep, axis=2)
-                        self.capture.clear()
+                        tile["pending"] = []
                 self.budget_trace.append(self._live)
                 t["compress"] += time.perf_counter() - t0
 
@@ -414,6 +421,7 @@ class CompressedLlama:
                 self.llm.n_tokens = self._live = p.n_tokens
                 self.budget_trace = [min((j + 1) * chunk, len(tokens)) for j in range(p.n_chunks - 1)]
                 t["prefill"], i0 = p.prefill_s, p.n_chunks
+                tile["pending"] = [p.captured] if carry else []
                 after_chunk(p.captured)  # compresses when the prefix stopped right before the first compression
             for i in range(i0, len(starts)):
                 a = starts[i]
@@ -432,10 +440,12 @@ class CompressedLlama:
                     self.llm.n_tokens = end
                     self._live -= len(q_tokens)
                 elif carry:  # every token's queries, kept until the next compression
-                    if i == i0:  # set_targets drops the rows captured so far
+                    if i == i0:
                         self.capture.set_targets([(*QUERIES, list(range(len(tokens))))])
-                    with self.capture.enabled(clear=False):
+                    with self.capture.enabled():
                         self._eval(piece)
+                    tile["pending"].append(captured_queries(self.capture, self.info))
+                    captured = _join_layers(tile["pending"])
                 elif w:
                     self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
                     self._eval(piece[: len(piece) - w])
@@ -446,7 +456,8 @@ class CompressedLlama:
                 t["prefill"] += time.perf_counter() - t0
                 if key is not None and i == first and (key, i + 1) not in prefixes:
                     try:
-                        captured = captured_queries(self.capture, self.info) if w or carry else []
+                        if not carry:
+                            captured = captured_queries(self.capture, self.info) if w else []
                     except NativeError as e:  # as compress_cache reports it on the fresh path
                         raise CompressionError(f"no captured queries: {e}") from e
                     prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(self.ctx), i + 1, self.llm.n_tokens,

@@ -116,14 +116,10 @@ def test_query_aware_budgeted_prefill(tiny_gguf, method):
     m.ask("abc def", max_tokens=3)
 
 
-def test_shared_chunk_prefix_gives_the_same_cache(tiny_gguf):
-    """A sweep that resumes from the kept pre-compression prefix ends in the
-    same cache, trace and answer as prefills from the start, and evaluates
-    fewer tokens."""
-    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
-    ctx = CONTEXT[:3000]
+def _resumed_sweep(m, ctx, runs):
+    """Each run from the start, then the sweep again sharing prefixes: same
+    cache, trace, compressions and answer, fewer tokens evaluated."""
     n = len(m._tokens_for(ctx))
-    runs = [("snapkv", 200), ("snapkv", 300), ("snapkv+grkv", 200), ("snapkv+grkv", 300), ("snapkv", 260)]
     fresh = []
     for method, budget in runs:
         st = m.compress_budgeted(ctx, budget=budget, chunk=128, method=method)
@@ -144,6 +140,24 @@ def test_shared_chunk_prefix_gives_the_same_cache(tiny_gguf):
         assert kvstate.get_blob(m.ctx) == blob
         assert (list(m.budget_trace), st.compressions) == (trace, n_comp)
         assert st.prefill_s > 0 and m.ask("abc", max_tokens=4) == answer
+    m._eval = orig
+    return prefixes, fresh
+
+
+def test_compactor_budgeted_resumes_from_a_shared_prefix(tiny_gguf):
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    prefixes, _ = _resumed_sweep(m, CONTEXT[:3000], [("compactor", 200), ("compactor", 300), ("compactor", 260)])
+    assert sorted(p.n_chunks for p in prefixes.values()) == [2, 3]
+
+
+def test_shared_chunk_prefix_gives_the_same_cache(tiny_gguf):
+    """A sweep that resumes from the kept pre-compression prefix ends in the
+    same cache, trace and answer as prefills from the start, and evaluates
+    fewer tokens."""
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    ctx = CONTEXT[:3000]
+    runs = [("snapkv", 200), ("snapkv", 300), ("snapkv+grkv", 200), ("snapkv+grkv", 300), ("snapkv", 260)]
+    prefixes, fresh = _resumed_sweep(m, ctx, runs)
     assert sorted(p.n_chunks for p in prefixes.values()) == [2, 3]  # before the first compression at 200, 300
     with pytest.raises(GrkvError):  # a rejected prefix is an error, not a silent fresh start
         bad = {k: dataclasses.replace(p, blob=b"garbage") for k, p in prefixes.items()}
