@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 
+#include "grkv/apply.h"
 #include "grkv/capture.h"
 #include "grkv/common.h"
 #include "grkv/compress.h"
@@ -105,6 +106,33 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "grkv-cpp native core: state-blob codec, eviction scores, selection, eval-callback capture";
     py::register_exception<Error>(m, "NativeError", PyExc_ValueError);
 
+    // The patched llama.cpp's KV-cache extension: function addresses from the
+    // loaded libllama (ctypes), keyed by their name without the prefix.
+    py::class_<kvx::Api>(m, "KvExtApi")
+        .def(py::init([](const py::dict & fns) {
+            kvx::Api a;
+            auto get = [&](const char * name) -> void * {
+                if (!fns.contains(name)) throw Error(std::string("KvExtApi: no address for llama_kv_ext_") + name);
+                return reinterpret_cast<void *>(fns[name].cast<uintptr_t>());
+            };
+            a.version = reinterpret_cast<decltype(a.version)>(get("version"));
+            a.n_parts = reinterpret_cast<decltype(a.n_parts)>(get("n_parts"));
+            a.get_part = reinterpret_cast<decltype(a.get_part)>(get("get_part"));
+            a.get_layer = reinterpret_cast<decltype(a.get_layer)>(get("get_layer"));
+            a.seq_cells = reinterpret_cast<decltype(a.seq_cells)>(get("seq_cells"));
+            a.read = reinterpret_cast<decltype(a.read)>(get("read"));
+            a.seq_apply = reinterpret_cast<decltype(a.seq_apply)>(get("seq_apply"));
+            return a;
+        }));
+    m.def("inplace_read", [](const kvx::Api & api, uintptr_t ctx, int32_t seq) {
+        py::gil_scoped_release nogil;
+        return inplace_read(api, reinterpret_cast<void *>(ctx), seq);
+    }, py::arg("api"), py::arg("ctx"), py::arg("seq") = 0);
+    m.def("inplace_apply", [](const kvx::Api & api, uintptr_t ctx, const SeqState & st, int part, int32_t seq) {
+        py::gil_scoped_release nogil;
+        inplace_apply(api, reinterpret_cast<void *>(ctx), seq, st, part);
+    }, py::arg("api"), py::arg("ctx"), py::arg("state"), py::arg("part") = 0, py::arg("seq") = 0);
+
     py::class_<SeqState>(m, "SeqState")
         .def(py::init([](py::bytes b) {
                  std::string_view sv = b;
@@ -114,6 +142,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("blob"))
         .def_readonly("seq_id", &SeqState::seq_id)
         .def_property_readonly("n_parts", [](const SeqState & s) { return (int) s.parts.size(); })
+        .def("copy", [](const SeqState & s) { return SeqState(s); })
         .def("serialize",
              [](const SeqState & s) {
                  std::vector<uint8_t> out;

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _native, kvstate
+from .apply import backend as apply_backend
 from .capture import GraphCapture
 from .errors import BadRequestError, CompressionError, NativeError
 from .loader import ModelInfo
@@ -135,7 +136,8 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
                    shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
                    captured: list | None = None, history: np.ndarray | None = None, reread=None,
-                   n_prefix: int = 0, key_pos: np.ndarray | None = None, carried: int = 0) -> CompressResult:
+                   n_prefix: int = 0, key_pos: np.ndarray | None = None, carried: int = 0,
+                   backend: str | None = None) -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
     restored to its state before the call and CompressionError is raised.
     `captured` (per cache layer: query rows [n, n_head, head_dim] and their
@@ -148,10 +150,12 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     the sinks they protect by default. compactor@budget: `history` holds
     the cells' tile attention (the first `carried` cells' from the previous
     compression) and `key_pos` their keys' true positions [n_layer,
-    n_head_kv, n_cells]."""
+    n_head_kv, n_cells]. `backend`: the apply backend (apply.backend(); by
+    default in place where the patched llama.cpp is loaded, else the blob);
+    merge_report["apply"] names it and splits the time into read, math, write."""
     t0 = time.perf_counter()
-    blob = kvstate.get_blob(ctx)
-    state = kvstate.parse(blob)
+    be = apply_backend(backend)
+    state = be.read(ctx)
     info0 = state.part_info(PART)
     n_cells = info0["n_cells"]
     if info0["n_layer"] != len(info.cache_layers):
@@ -193,21 +197,27 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     threads = n_threads or os.cpu_count() or 1
     label_end = int(positions[-1])
     margs = merge.native_args() if merge is not None else {"merge": "none"}
-    with kvstate.Rollback(ctx, blob):
+    original = state.copy()
+    t_read = time.perf_counter() - t0
+    with be.rollback(ctx, original, PART):
         try:
+            t1 = time.perf_counter()
             keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
                                           queries=queries, budget=B, shared=shared, label_end=label_end,
                                           surrogate=surrogate, window_start=window_start, n_threads=threads,
                                           history=history, **method.native_args(), **margs, **ctx_args)
-            new_blob = state.serialize()
+            t_math = time.perf_counter() - t1
         except NativeError as e:
             raise CompressionError(str(e)) from e
-        if not kvstate.set_blob(ctx, new_blob):
-            raise CompressionError("llama.cpp rejected the compressed state")
+        t1 = time.perf_counter()
+        be.write(ctx, state, PART)
+        t_write = time.perf_counter() - t1
         pmin, pmax = kvstate.pos_range(ctx)
         if pmax != label_end:
             raise CompressionError(f"after compression the last position reads {pmax}, expected {label_end}")
     bytes_after = kvstate.kv_bytes(state)
     # head-wise budgets keep as many cells as their busiest head's allocation
+    report = dict(report)
+    report["apply"] = {"backend": be.name, "read_s": t_read, "math_s": t_math, "write_s": t_write}
     return CompressResult(n_cells, int(keep.shape[2]), bytes_before, bytes_after, time.perf_counter() - t0, keep,
-                          positions, per_cell, dict(report))
+                          positions, per_cell, report)

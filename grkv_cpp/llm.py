@@ -17,6 +17,7 @@ from .compressor import capture_positions, captured_queries, compress_cache, obs
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError
 from .footprint import simulate
 from .loader import describe, open_llama
+from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
 from .prompt import build_format
 from .stats import Stats
@@ -331,6 +332,7 @@ class CompressedLlama:
         self._cells = res.cells_after + (1 if question is not None else 0)
         label = _label(m, merge, shared)
         self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
+                           apply_backend=res.merge_report.get("apply", {}).get("backend", ""),
                            question_tokens=len(tokens) - n_ctx_tokens,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
@@ -398,6 +400,7 @@ class CompressedLlama:
                                          n_prefix=n_prefix, **extra)
                     self._live = res.cells_after
                     t["n"] += 1
+                    t["backend"] = res.merge_report.get("apply", {}).get("backend", "")
                     if carry:
                         tile["hist"] = res.merge_report["global"]
                         tile["kpos"] = np.take_along_axis(extra["key_pos"], res.keep, axis=2)
@@ -473,7 +476,8 @@ class CompressedLlama:
                            # the compressed part as if it held every token; other parts (an iSWA
                            # model's window cache) are not compressed and count as they are
                            kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - self._cells) * per_cell,
-                           prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"])
+                           prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"],
+                           apply_backend=t.get("backend", ""))
         self._memory_stats(kvstate.bytes_per_cell(state),
                            simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
         return self.stats
@@ -586,7 +590,8 @@ class CompressedLlama:
         m = _widen_to_question(m, st.question_tokens)
         need = observation_window(m, merge)
         if need > st.window:
-            raise GrkvError(f"{m.name} needs the last {need} queries; the state kept {st.window}")
+            what = "every context token's queries" if need >= ALL_QUERIES else f"the last {need} queries"
+            raise GrkvError(f"{m.name} needs {what}; the state kept {st.window} (prefill_state(window=...))")
         resolve_budget(st.cached_tokens, ratio, budget)  # bad arguments fail before the cache is replaced
         with self._keep_context_on_failure():
             self._put_state(st)
@@ -600,6 +605,7 @@ class CompressedLlama:
         label = _label(m, merge, shared)
         self.stats = Stats(method=label, context_tokens=st.context_tokens, question_tokens=st.question_tokens,
                            merge_report=res.merge_report,
+                           apply_backend=res.merge_report.get("apply", {}).get("backend", ""),
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,
                            prefill_s=st.prefill_s, compress_s=t1 - t0, reread_s=rr.seconds if rr else 0.0)

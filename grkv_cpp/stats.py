@@ -27,7 +27,8 @@ class Stats:
     kv_footprint: float = 0.0  # "Cache Me If You Can" footprint of the prefill (grkv_cpp.footprint)
     kv_peak: float = 0.0       # and its KV peak, as fractions of the full cache
     peak_rss_bytes: int = 0    # peak resident memory of the process so far
-    merge_report: dict = field(default_factory=dict)  # GRKV: per-layer objectives and safeguard choice
+    apply_backend: str = ""    # where the compressed layout went: "inplace" (patched llama.cpp) or "blob"
+    merge_report: dict = field(default_factory=dict)  # GRKV objectives; "apply": backend, read/math/write seconds
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+
+import llama_cpp.llama_cpp as L
+
+from .. import _native
+from ..errors import CompressionError, NativeError
+from .base import Backend
+
+_FUNCS = ("version", "n_parts", "get_part", "get_layer", "seq_cells", "read", "seq_apply")
+
+
+@functools.lru_cache(maxsize=1)
+def _api():
+    lib = L._lib
+    try:
+        fns = {f: ctypes.cast(getattr(lib, f"llama_kv_ext_{f}"), ctypes.c_void_p).value for f in _FUNCS}
+    except AttributeError:
+        return None
+    return _native.KvExtApi(fns)
+
+
+def patched_library() -> bool:
+    """Whether the loaded libllama carries grkv-cpp's KV-cache extension."""
+    return _api() is not None
+
+
+def _addr(ctx) -> int:
+    return ctypes.cast(ctx, ctypes.c_void_p).value
+
+
+class InplaceBackend(Backend):
+    """The patched llama.cpp: cells are read and rewritten where they live
+    (llama_kv_ext_read / llama_kv_ext_seq_apply); the library checks the whole
+    layout before its first write."""
+
+    name = "inplace"
+
+    def read(self, ctx) -> _native.SeqState:
+        try:
+            return _native.inplace_read(_api(), _addr(ctx))
+        except NativeError as e:
+            raise CompressionError(str(e)) from e
+
+    def write(self, ctx, state: _native.SeqState, part: int = 0):
+        try:
+            _native.inplace_apply(_api(), _addr(ctx), state, part)
+        except NativeError as e:
+            raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
+
+    @contextlib.contextmanager
+    def rollback(self, ctx, original: _native.SeqState, part: int = 0):
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self.write(ctx, original, part)
+            except CompressionError as e:
+                raise CompressionError("compression failed and the original KV state could not be restored") from e
+            raise exc

@@ -1,0 +1,278 @@
+// grkv-cpp's KV-cache extension (llama-kv-ext.h): views of the cache's parts,
+// layers and cells, in-place rewrite of a sequence, the after-decode hook and
+// the runtime eval-callback switch. Members of llama_kv_cache and
+// llama_context are defined here so the diff to llama.cpp stays declarations.
+#include "llama-kv-ext.h"
+
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-backend.h"
+
+#include <set>
+#include <vector>
+
+namespace {
+
+llama_kv_cache * part_of(llama_context * ctx, int32_t part, int32_t * err) {
+    llama_memory_i * mem = ctx ? ctx->get_memory() : nullptr;
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        if (part == 0) return kv;
+        *err = LLAMA_KV_EXT_E_PART;
+        return nullptr;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        if (part == 0) return iswa->get_base();
+        if (part == 1) return iswa->get_swa();
+        *err = LLAMA_KV_EXT_E_PART;
+        return nullptr;
+    }
+    *err = LLAMA_KV_EXT_E_NOT_KV;
+    return nullptr;
+}
+
+// Runs of consecutive cell indices: (first index in `idx`, cell, length).
+struct run { size_t i; uint32_t cell; uint32_t n; };
+
+std::vector<run> runs_of(const uint32_t * idx, size_t n) {
+    std::vector<run> out;
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && idx[j] == idx[j - 1] + 1) ++j;
+        out.push_back({i, idx[i], (uint32_t) (j - i)});
+        i = j;
+    }
+    return out;
+}
+
+}  // namespace
+
+//
+// llama_kv_cache members
+//
+
+int32_t llama_kv_cache::ext_n_layer() const { return (int32_t) layers.size(); }
+bool llama_kv_cache::ext_v_trans() const { return v_trans; }
+bool llama_kv_cache::ext_rot_k() const { return attn_rot_k; }
+bool llama_kv_cache::ext_rot_v() const { return attn_rot_v; }
+
+int32_t llama_kv_cache::ext_layer(int32_t ikv, llama_seq_id seq_id, llama_kv_ext_layer * out) const {
+    if (ikv < 0 || ikv >= (int32_t) layers.size()) return LLAMA_KV_EXT_E_LAYER;
+    if (seq_id < 0 || (size_t) seq_id >= seq_to_stream.size() || !out) return LLAMA_KV_EXT_E_SEQ;
+    const auto & L = layers[ikv];
+    const uint32_t strm = seq_to_stream[seq_id];
+    out->il = (int32_t) L.il;
+    out->n_embd_k = (int32_t) hparams.n_embd_k_gqa(L.il);
+    out->n_embd_v = (int32_t) hparams.n_embd_v_gqa(L.il);
+    out->k = L.k_stream[strm];
+    out->v = L.v_stream.empty() ? nullptr : L.v_stream[strm];
+    out->k_row_bytes = ggml_row_size(out->k->type, out->n_embd_k);
+    out->v_row_bytes = out->v ? ggml_row_size(out->v->type, out->n_embd_v) : 0;
+    return 0;
+}
+
+int32_t llama_kv_cache::ext_seq_cells(llama_seq_id seq_id, int32_t * cells_out, llama_pos * pos_out,
+                                      int32_t cap) const {
+    if (seq_id < 0 || (size_t) seq_id >= seq_to_stream.size()) return LLAMA_KV_EXT_E_SEQ;
+    if (cap > 0 && (!cells_out || !pos_out)) return LLAMA_KV_EXT_E_ARG;
+    const auto & cells = v_cells[seq_to_stream[seq_id]];
+    int32_t n = 0;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.seq_has(i, seq_id)) continue;
+        if (cells.seq_count(i) != 1) return LLAMA_KV_EXT_E_SEQ;
+        if (n < cap) {
+            cells_out[n] = (int32_t) i;
+            pos_out[n] = cells.pos_get(i);
+        }
+        ++n;
+    }
+    return n;
+}
+
+int32_t llama_kv_cache::ext_read(llama_seq_id seq_id, int32_t ikv, const int32_t * cell, int32_t n, void * k_out,
+                                 void * v_out) const {
+    struct llama_kv_ext_layer L;
+    if (const int32_t e = ext_layer(ikv, seq_id, &L)) return e;
+    if (n < 0 || (n > 0 && (!cell || !k_out || (L.v && !v_out)))) return LLAMA_KV_EXT_E_ARG;
+    const uint32_t kv_size = v_cells[seq_to_stream[seq_id]].size();
+    std::vector<uint32_t> idx(n);
+    for (int32_t i = 0; i < n; ++i) {
+        if (cell[i] < 0 || (uint32_t) cell[i] >= kv_size) return LLAMA_KV_EXT_E_ARG;
+        idx[i] = (uint32_t) cell[i];
+    }
+    auto * kb = static_cast<uint8_t *>(k_out);
+    auto * vb = static_cast<uint8_t *>(v_out);
+    for (const run & r : runs_of(idx.data(), idx.size())) {
+        ggml_backend_tensor_get(L.k, kb + r.i * L.k_row_bytes, r.cell * L.k_row_bytes, r.n * L.k_row_bytes);
+        if (!L.v) continue;
+        if (!v_trans) {
+            ggml_backend_tensor_get(L.v, vb + r.i * L.v_row_bytes, r.cell * L.v_row_bytes, r.n * L.v_row_bytes);
+        } else {
+            const size_t el = ggml_type_size(L.v->type);
+            for (int32_t j = 0; j < L.n_embd_v; ++j) {
+                ggml_backend_tensor_get(L.v, vb + ((size_t) j * n + r.i) * el, ((size_t) j * kv_size + r.cell) * el,
+                                        r.n * el);
+            }
+        }
+    }
+    return 0;
+}
+
+int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llama_pos * pos,
+                                      const void * const * k_rows, const void * const * v_data) {
+    // every check before the first write
+    if (seq_id < 0 || (size_t) seq_id >= seq_to_stream.size()) return LLAMA_KV_EXT_E_SEQ;
+    if (has_cell_ext()) return LLAMA_KV_EXT_E_UNSUPPORTED;
+    const uint32_t strm = seq_to_stream[seq_id];
+    auto & cells = v_cells[strm];
+    if (n < 1 || (uint32_t) n > cells.size() || !pos || !k_rows || !v_data) return LLAMA_KV_EXT_E_ARG;
+    for (int32_t i = 1; i < n; ++i)
+        if (pos[i] <= pos[i - 1]) return LLAMA_KV_EXT_E_ARG;
+    for (size_t l = 0; l < layers.size(); ++l)
+        if (!k_rows[l] || (!layers[l].v_stream.empty() && !v_data[l])) return LLAMA_KV_EXT_E_ARG;
+    uint32_t room = 0;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (cells.is_empty(i)) ++room;
+        else if (cells.seq_has(i, seq_id)) {
+            if (cells.seq_count(i) != 1) return LLAMA_KV_EXT_E_SEQ;
+            ++room;
+        }
+    }
+    if ((uint32_t) n > room) return LLAMA_KV_EXT_E_ROOM;
+
+    // place the cells as a single-sequence state restore does (state_read_meta)
+    seq_rm(seq_id, -1, -1);
+    llama_batch_allocr balloc(hparams.n_pos_per_embd());
+    llama_ubatch ubatch = balloc.ubatch_reserve(n, 1);
+    ubatch.seq_id_unq[0] = seq_id;
+    for (int32_t i = 0; i < n; ++i) {
+        ubatch.pos[i] = pos[i];
+        ubatch.n_seq_id[i] = 1;
+        ubatch.seq_id[i] = &seq_id;
+    }
+    slot_info sinfo = find_slot(ubatch, false);
+    GGML_ASSERT(!sinfo.empty() && sinfo.idxs[0].size() == (size_t) n);  // guaranteed by the room check
+    apply_ubatch(sinfo, ubatch);
+
+    const std::vector<run> rr = runs_of(sinfo.idxs[0].data(), sinfo.idxs[0].size());
+    const uint32_t kv_size = cells.size();
+    for (size_t l = 0; l < layers.size(); ++l) {
+        struct llama_kv_ext_layer L;
+        ext_layer((int32_t) l, seq_id, &L);
+        const auto * kb = static_cast<const uint8_t *>(k_rows[l]);
+        const auto * vb = static_cast<const uint8_t *>(v_data[l]);
+        for (const run & r : rr) {
+            ggml_backend_tensor_set(L.k, kb + r.i * L.k_row_bytes, r.cell * L.k_row_bytes, r.n * L.k_row_bytes);
+            if (!L.v) continue;
+            if (!v_trans) {
+                ggml_backend_tensor_set(L.v, vb + r.i * L.v_row_bytes, r.cell * L.v_row_bytes, r.n * L.v_row_bytes);
+            } else {
+                const size_t el = ggml_type_size(L.v->type);
+                for (int32_t j = 0; j < L.n_embd_v; ++j) {
+                    ggml_backend_tensor_set(L.v, vb + ((size_t) j * n + r.i) * el,
+                                            ((size_t) j * kv_size + r.cell) * el, r.n * el);
+                }
+            }
+        }
+    }
+    return n;
+}
+
+//
+// llama_context member
+//
+
+void llama_context::ext_set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data) {
+    cparams.cb_eval = cb;
+    cparams.cb_eval_user_data = user_data;
+    // a reused graph keeps the scheduler's callback: set it there too
+    ggml_backend_sched_set_eval_callback(sched.get(), cb, user_data);
+}
+
+//
+// C API
+//
+
+int32_t llama_kv_ext_version(void) { return LLAMA_KV_EXT_VERSION; }
+
+int32_t llama_kv_ext_n_parts(llama_context * ctx) {
+    llama_memory_i * mem = ctx ? ctx->get_memory() : nullptr;
+    if (dynamic_cast<llama_kv_cache *>(mem)) return 1;
+    if (dynamic_cast<llama_kv_cache_iswa *>(mem)) return 2;
+    return LLAMA_KV_EXT_E_NOT_KV;
+}
+
+int32_t llama_kv_ext_get_part(llama_context * ctx, int32_t part, llama_kv_ext_part_info * out) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    if (!kv) return err;
+    if (!out) return LLAMA_KV_EXT_E_ARG;
+    out->n_layer = kv->ext_n_layer();
+    out->kv_size = kv->get_size();
+    out->type_k = (int32_t) kv->type_k();
+    out->type_v = (int32_t) kv->type_v();
+    out->v_trans = kv->ext_v_trans();
+    out->rot_k = kv->ext_rot_k();
+    out->rot_v = kv->ext_rot_v();
+    return 0;
+}
+
+int32_t llama_kv_ext_get_layer(llama_context * ctx, int32_t part, int32_t layer, llama_seq_id seq,
+                           llama_kv_ext_layer * out) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    return kv ? kv->ext_layer(layer, seq, out) : err;
+}
+
+int32_t llama_kv_ext_seq_cells(llama_context * ctx, int32_t part, llama_seq_id seq, int32_t * cells, llama_pos * pos,
+                               int32_t cap) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    return kv ? kv->ext_seq_cells(seq, cells, pos, cap) : err;
+}
+
+int32_t llama_kv_ext_read(llama_context * ctx, int32_t part, llama_seq_id seq, int32_t layer, const int32_t * cells,
+                          int32_t n, void * k_out, void * v_out) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    if (!kv) return err;
+    llama_synchronize(ctx);
+    return kv->ext_read(seq, layer, cells, n, k_out, v_out);
+}
+
+int32_t llama_kv_ext_seq_apply(llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n, const llama_pos * pos,
+                               const void * const * k_rows, const void * const * v_data) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    if (!kv) return err;
+    llama_synchronize(ctx);
+    return kv->ext_seq_apply(seq, n, pos, k_rows, v_data);
+}
+
+void llama_kv_ext_set_hook(llama_context * ctx, llama_kv_ext_hook hook, void * user_data) {
+    ctx->ext_hook = hook;
+    ctx->ext_hook_user_data = user_data;
+}
+
+void llama_kv_ext_set_eval_callback(llama_context * ctx, ggml_backend_sched_eval_callback cb, void * user_data) {
+    ctx->ext_set_eval_callback(cb, user_data);
+}
+
+void llama_kv_ext_after_decode(llama_context * ctx, const llama_batch & batch, int32_t ret) {
+    if (ret != 0 || !ctx->ext_hook) return;
+    std::set<llama_seq_id> seqs;
+    for (int32_t i = 0; i < batch.n_tokens; ++i) {
+        if (!batch.seq_id || !batch.n_seq_id) {
+            seqs.insert(0);
+            break;
+        }
+        for (int32_t s = 0; s < batch.n_seq_id[i]; ++s) seqs.insert(batch.seq_id[i][s]);
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    for (llama_seq_id s : seqs) {
+        ctx->ext_hook(ctx, s, llama_memory_seq_pos_min(mem, s), llama_memory_seq_pos_max(mem, s),
+                      ctx->ext_hook_user_data);
+    }
+}

@@ -1,0 +1,88 @@
+// The in-place apply backend: reads and rewrites the sequence's cells through
+// the patched llama.cpp, with no state blob in between.
+#include "grkv/apply.h"
+
+#include <string>
+#include <vector>
+
+#include "grkv/common.h"
+
+namespace grkv {
+namespace {
+
+void check(int32_t rc, const char * what) {
+    if (rc < 0) throw Error(std::string("llama_kv_ext_") + what + " failed with code " + std::to_string(rc));
+}
+
+void need(const kvx::Api & api) {
+    if (!api.version || !api.n_parts || !api.get_part || !api.get_layer || !api.seq_cells || !api.read ||
+        !api.seq_apply) {
+        throw Error("the loaded libllama has no KV-cache extension (not the patched build)");
+    }
+    if (api.version() != kvx::kVersion) {
+        throw Error("llama_kv_ext version " + std::to_string(api.version()) + ", the core expects " +
+                    std::to_string(kvx::kVersion));
+    }
+}
+
+}  // namespace
+
+SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq) {
+    need(api);
+    const int32_t n_parts = api.n_parts(ctx);
+    check(n_parts, "n_parts");
+    SeqState st;
+    st.seq_id = seq;
+    st.parts.resize(n_parts);
+    for (int32_t p = 0; p < n_parts; ++p) {
+        kvx::PartInfo info{};
+        check(api.get_part(ctx, p, &info), "get_part");
+        Stream s;
+        const int32_t n = api.seq_cells(ctx, p, seq, nullptr, nullptr, 0);
+        check(n, "seq_cells");
+        std::vector<int32_t> cells(n);
+        s.pos.resize(n);
+        if (n) check(api.seq_cells(ctx, p, seq, cells.data(), s.pos.data(), n), "seq_cells");
+        s.cell_count = (uint32_t) n;
+        s.seq_ids.assign(n, std::vector<int32_t>{seq});
+        s.v_trans = info.v_trans ? 1 : 0;
+        if (n) {
+            for (int32_t l = 0; l < info.n_layer; ++l) {
+                kvx::LayerInfo li{};
+                check(api.get_layer(ctx, p, l, seq, &li), "get_layer");
+                LayerRows k, v;
+                k.type = info.type_k;
+                k.row_bytes = li.k_row_bytes;
+                k.n_embd = (uint32_t) li.n_embd_k;
+                k.bytes.resize((size_t) n * li.k_row_bytes);
+                v.type = info.type_v;
+                v.n_embd = (uint32_t) li.n_embd_v;
+                v.bytes.resize((size_t) n * li.v_row_bytes);
+                v.row_bytes = li.v_row_bytes;
+                if (info.v_trans) v.el_bytes = (uint32_t) (li.v_row_bytes / li.n_embd_v);
+                check(api.read(ctx, p, seq, l, cells.data(), n, k.bytes.data(), v.bytes.data()), "read");
+                s.k.push_back(std::move(k));
+                s.v.push_back(std::move(v));
+            }
+        }
+        // one stream per part, as a single-sequence blob of a unified cache has
+        st.parts[p].streams.push_back(std::move(s));
+    }
+    return st;
+}
+
+void inplace_apply(const kvx::Api & api, void * ctx, int32_t seq, const SeqState & st, int part) {
+    need(api);
+    if (part < 0 || part >= (int) st.parts.size()) throw Error("no such cache part in the state");
+    const int a = st.parts[part].active_stream();
+    if (a < 0) throw Error("the compressed state holds no cells");
+    const Stream & s = st.parts[part].streams[a];
+    std::vector<const void *> k, v;
+    for (size_t l = 0; l < s.k.size(); ++l) {
+        k.push_back(s.k[l].bytes.data());
+        v.push_back(s.v[l].bytes.data());
+    }
+    check(api.seq_apply(ctx, part, seq, (int32_t) s.cell_count, s.pos.data(), k.data(), v.data()), "seq_apply");
+}
+
+}  // namespace grkv

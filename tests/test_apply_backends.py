@@ -1,0 +1,98 @@
+"""The two apply backends give the same cache: the in-place one (the patched
+llama.cpp's llama_kv_ext_*) and the state blob. Skipped unless the loaded
+libllama is the patched build (LLAMA_CPP_LIB_PATH, see README)."""
+
+import numpy as np
+import pytest
+
+from grkv_cpp import CompressedLlama, _native, kvstate
+from grkv_cpp.apply import BlobBackend, InplaceBackend, backend, patched_library
+from grkv_cpp.errors import BadRequestError, CompressionError
+from grkv_cpp.methods.context import ALL_QUERIES
+from grkv_cpp.texts import haystack, passkey_needle
+
+pytestmark = pytest.mark.skipif(not patched_library(), reason="needs the patched llama.cpp (LLAMA_CPP_LIB_PATH)")
+
+CONTEXT = "abc def ghi jkl mno pqr " * 25
+PROBE = [5, 9, 13, 21]
+
+
+def _compress_both(m, context, monkeypatch, **kw):
+    """The same prefill compressed by each backend: (blob, logits) per backend."""
+    st = m.prefill_state(context, window=ALL_QUERIES)
+    out = {}
+    for name in ("blob", "inplace"):
+        monkeypatch.setenv("GRKV_APPLY", name)
+        stats = m.compress_state(st, **kw)
+        assert stats.apply_backend == name
+        out[name] = (kvstate.get_blob(m.ctx), m.continuation_logits(PROBE))
+    return out
+
+
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("kw", [dict(method="snapkv", ratio=0.5), dict(method="knorm", ratio=0.3, shared=True),
+                                dict(method="snapkv+grkv", ratio=0.5), dict(method="compactor", ratio=0.4),
+                                dict(method="compactor-adakv", ratio=0.5)])
+def test_backends_give_identical_caches(tiny_gguf, monkeypatch, flash, kw):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024, flash_attn=flash)
+    out = _compress_both(m, CONTEXT, monkeypatch, **kw)
+    assert out["inplace"][0] == out["blob"][0]
+    np.testing.assert_array_equal(out["inplace"][1], out["blob"][1])
+
+
+def test_f32_cache(tiny_gguf, monkeypatch):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024, type_k="f32", type_v="f32")
+    out = _compress_both(m, CONTEXT, monkeypatch, method="snapkv", ratio=0.5)
+    assert out["inplace"][0] == out["blob"][0]
+    np.testing.assert_array_equal(out["inplace"][1], out["blob"][1])
+
+
+def test_read_equals_the_parsed_blob(tiny_gguf):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    m.prefill(CONTEXT)
+    via_blob = BlobBackend().read(m.ctx)
+    in_place = InplaceBackend().read(m.ctx)
+    assert in_place.serialize() == via_blob.serialize()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_real_models(which, request, monkeypatch):
+    path = request.getfixturevalue(f"{which}_gguf")
+    m = CompressedLlama(path, n_ctx=2048)
+    ctx = haystack(900, [passkey_needle("73914")])
+    for kw in (dict(method="snapkv", ratio=0.5), dict(method="compactor", ratio=0.5)):
+        out = _compress_both(m, ctx, monkeypatch, **kw)
+        assert out["inplace"][0] == out["blob"][0]  # Gemma-3: its SWA cache is untouched by both
+        np.testing.assert_array_equal(out["inplace"][1], out["blob"][1])
+
+
+def test_refused_layout_leaves_the_cache(tiny_gguf):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    m.prefill(CONTEXT)
+    before = kvstate.get_blob(m.ctx)
+    be = InplaceBackend()
+    st = be.read(m.ctx)
+    bad = _native.SeqState(kvstate.get_blob(m.ctx))
+    # positions must rise: a state whose cells repeat a position is refused before any write
+    blob = bytearray(bad.serialize())
+    first_pos = 4 + 4 + 4 + 4  # magic, seq, n_stream, cell_count
+    second_pos = first_pos + 4 + 4 + 4  # pos, n_seq, seq of cell 0
+    blob[second_pos:second_pos + 4] = blob[first_pos:first_pos + 4]
+    with pytest.raises(CompressionError, match="seq_apply failed with code -5"):
+        be.write(m.ctx, _native.SeqState(bytes(blob)))
+    assert kvstate.get_blob(m.ctx) == before
+    with pytest.raises(CompressionError):  # a failure inside the rollback puts the original back
+        with be.rollback(m.ctx, st):
+            be.write(m.ctx, _native.SeqState(kvstate.get_blob(m.ctx)))  # fine
+            raise CompressionError("later step failed")
+    assert kvstate.get_blob(m.ctx) == before
+
+
+def test_backend_choice(monkeypatch):
+    assert backend().name == "inplace"
+    assert backend("blob").name == "blob"
+    monkeypatch.setenv("GRKV_APPLY", "blob")
+    assert backend().name == "blob"
+    with pytest.raises(BadRequestError):
+        backend("gpu")
