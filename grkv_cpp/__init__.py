@@ -1,8 +1,13 @@
 """grkv-cpp: compressed KV caches for GGUF models through llama.cpp."""
 
+# The patched llama.cpp built with this package, if any, is the libllama to load.
+from ._libpath import use_patched_library
+
+use_patched_library()
+
 # llama.cpp's shared libraries load before our extension: the other order crashed a
 # CUDA build in llama_model_load_from_file (probably the C++/OpenMP runtimes both link).
-import llama_cpp  # noqa: F401
+import llama_cpp  # noqa: E402,F401
 
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError, UnsupportedModelError
 from .llm import CompressedLlama

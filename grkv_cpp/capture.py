@@ -28,6 +28,20 @@ class GraphCapture:
         self.c_callback = ctypes.cast(self._native.callback_address, L.ggml_backend_sched_eval_callback)
         self.user_data = self._native.user_data
         self._targets: list[tuple[str, int, int]] = []
+        self._ctx = None  # set by attach(): the callback is then installed only while enabled
+
+    def attach(self, ctx):
+        """With the patched llama.cpp: install the callback on `ctx` only
+        while capturing (llama_kv_ext_set_eval_callback), so the rest of the
+        context's decodes run without it."""
+        self._ctx = ctx
+        L._lib.llama_kv_ext_set_eval_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        L._lib.llama_kv_ext_set_eval_callback.restype = None
+
+    def _install(self, on: bool):
+        if self._ctx is not None:
+            cb = ctypes.cast(self.c_callback, ctypes.c_void_p) if on else None
+            L._lib.llama_kv_ext_set_eval_callback(self._ctx, cb, self.user_data if on else None)
 
     def op(self, name: str) -> int:
         code = self._native.op_code(name)
@@ -47,10 +61,12 @@ class GraphCapture:
         if clear:
             self._native.clear()
         self._native.enable(True)
+        self._install(True)
         try:
             yield self
         finally:
             self._native.enable(False)
+            self._install(False)
         if self._native.error:
             raise RuntimeError(self._native.error)
 

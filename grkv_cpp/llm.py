@@ -17,6 +17,7 @@ from .compressor import capture_positions, captured_queries, compress_cache, obs
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError
 from .footprint import simulate
 from .loader import describe, open_llama
+from .apply import patched_library
 from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
 from .prompt import build_format
@@ -137,12 +138,17 @@ class CompressedLlama:
         self.capture = GraphCapture()
         self.capture.set_targets([QUERIES])
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self.llm = open_llama(model_path, callback=self.capture.c_callback, user_data=self.capture.user_data,
+        # the patched llama.cpp switches the eval callback on only while capturing
+        toggle = patched_library()
+        self.llm = open_llama(model_path, callback=None if toggle else self.capture.c_callback,
+                              user_data=self.capture.user_data,
                               type_k=type_k, type_v=type_v, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                               n_threads=self.n_threads, flash_attn=flash_attn, seed=seed, swa_full=swa_full,
                               n_gpu_layers=n_gpu_layers, verbose=verbose)
         # where the layers (and their KV cache) run: the state blob reads and writes either
         self.device = "gpu" if n_gpu_layers != 0 and L.llama_supports_gpu_offload() else "cpu"
+        if toggle:
+            self.capture.attach(self.llm._ctx.ctx)
         self.swa_full = swa_full
         self.info = describe(self.llm)
         self.vocab = L.llama_model_get_vocab(self.llm._model.model)

@@ -2,12 +2,15 @@
 llama.cpp's llama_kv_ext_*) and the state blob. Skipped unless the loaded
 libllama is the patched build (LLAMA_CPP_LIB_PATH, see README)."""
 
+import ctypes
+
+import llama_cpp.llama_cpp as L
 import numpy as np
 import pytest
 
 from grkv_cpp import CompressedLlama, _native, kvstate
 from grkv_cpp.apply import BlobBackend, InplaceBackend, backend, patched_library
-from grkv_cpp.errors import BadRequestError, CompressionError
+from grkv_cpp.errors import BadRequestError, CompressionError, NativeError
 from grkv_cpp.methods.context import ALL_QUERIES
 from grkv_cpp.texts import haystack, passkey_needle
 
@@ -60,7 +63,7 @@ def test_read_equals_the_parsed_blob(tiny_gguf):
 def test_real_models(which, request, monkeypatch):
     path = request.getfixturevalue(f"{which}_gguf")
     m = CompressedLlama(path, n_ctx=2048)
-    ctx = haystack(900, [passkey_needle("73914")])
+    ctx = haystack(30, [(0.4, passkey_needle(73914))])
     for kw in (dict(method="snapkv", ratio=0.5), dict(method="compactor", ratio=0.5)):
         out = _compress_both(m, ctx, monkeypatch, **kw)
         assert out["inplace"][0] == out["blob"][0]  # Gemma-3: its SWA cache is untouched by both
@@ -96,3 +99,38 @@ def test_backend_choice(monkeypatch):
     assert backend().name == "blob"
     with pytest.raises(BadRequestError):
         backend("gpu")
+
+
+HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
+
+
+def test_hook_fires_once_per_batch_with_the_positions(tiny_gguf):
+    m = CompressedLlama(tiny_gguf, n_ctx=1024, n_batch=64)
+    calls = []
+    cb = HOOK(lambda ctx, seq, p0, p1, ud: calls.append((seq, p0, p1)))
+    lib = L._lib
+    lib.llama_kv_ext_set_hook.argtypes = [ctypes.c_void_p, HOOK, ctypes.c_void_p]
+    lib.llama_kv_ext_set_hook(m.ctx, cb, None)
+    try:
+        m._reset()
+        m._eval(list(range(1, 201)))  # 200 tokens in batches of 64
+    finally:
+        lib.llama_kv_ext_set_hook(m.ctx, HOOK(), None)
+    assert calls == [(0, 0, 63), (0, 0, 127), (0, 0, 191), (0, 0, 199)]
+    m._eval([5])
+    assert len(calls) == 4  # removed
+
+
+def test_eval_callback_only_while_capturing(tiny_gguf):
+    """The patched build creates the context without an eval callback and
+    installs the capture's only inside enabled(): captures still work."""
+    m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    assert m.capture._ctx is not None
+    m.prefill_state(CONTEXT, window=16)
+    m.capture.set_targets([("Qcur", "ROPE", 2)])
+    m._eval([7, 8, 9])  # not capturing: nothing recorded
+    with pytest.raises(NativeError, match="nothing captured"):
+        m.capture.rows(0, m.info.cache_layers[0])
+    with m.capture.enabled():
+        m._eval([10, 11])
+    assert all(len(m.capture.rows(0, il)) == 2 for il in m.info.cache_layers)

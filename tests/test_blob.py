@@ -72,7 +72,7 @@ def test_failed_apply_rolls_back_and_context_stays_usable(tiny_gguf, monkeypatch
 
     monkeypatch.setattr(kvstate, "set_blob", rejecting)
     with pytest.raises(CompressionError, match="rejected"):
-        compress_cache(m.ctx, m.info, KNorm(), ratio=0.5)
+        compress_cache(m.ctx, m.info, KNorm(), ratio=0.5, backend="blob")
     monkeypatch.undo()
     assert kvstate.get_blob(m.ctx) == before
     assert kvstate.pos_range(m.ctx) == (0, len(toks) - 1)
