@@ -156,6 +156,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     t0 = time.perf_counter()
     be = apply_backend(backend)
     state = be.read(ctx)
+    t_read = time.perf_counter() - t0
     info0 = state.part_info(PART)
     n_cells = info0["n_cells"]
     if info0["n_layer"] != len(info.cache_layers):
@@ -197,8 +198,9 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     threads = n_threads or os.cpu_count() or 1
     label_end = int(positions[-1])
     margs = merge.native_args() if merge is not None else {"merge": "none"}
-    original = state.copy()
-    t_read = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    original = be.snapshot(state)  # the rollback's copy counts as reading
+    t_read += time.perf_counter() - t1
     with be.rollback(ctx, original, PART):
         try:
             t1 = time.perf_counter()

@@ -11,31 +11,19 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import llama_cpp.llama_cpp as L
 
-from . import kvstate, reread
+from . import budgeted, kvstate, reread
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
-from .errors import BadRequestError, CompressionError, GrkvError, NativeError
+from .errors import BadRequestError, GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .apply import patched_library
+from .checks import label as _label, require_window_fits as _require_window_fits
+from .checks import require_window_queries as _require_window_queries
 from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
 from .prompt import build_format
 from .stats import Stats
-
-
-def _label(method: Method, merge, shared: bool) -> str:
-    name = getattr(method, "label", method.name)
-    return name + (f"+{merge.name}" if merge else "") + ("-shared" if shared else "")
-
-
-def _require_window_queries(merge, what: str, reread_ok: bool = False):
-    """GRKV's stratified queries need capture over the whole prefill, which
-    chunked, restored and decode-time compressions do not have (a restored
-    state can still run the re-read pass for GRKV's reread queries)."""
-    mode = getattr(merge, "query_mode", "window") if merge is not None else "window"
-    if mode != "window" and not (reread_ok and mode == "reread"):
-        raise GrkvError(f"{what} supports GRKV's window queries only")
 
 
 def default_method(method, query_aware: bool):
@@ -55,18 +43,6 @@ def _widen_to_question(m: Method, n_question: int) -> Method:
     if n_question and m.needs_queries and not m.context_scorer and n_question > m.window:
         return dataclasses.replace(m, window_size=n_question)
     return m
-
-
-def _require_window_fits(window: int, budget: int):
-    """The protected window is always kept: a smaller budget cannot hold it."""
-    if window > budget:
-        raise BadRequestError(f"the protected window ({window}) does not fit the budget ({budget})")
-
-
-def _join_layers(parts: list) -> list:
-    """Per cache layer, the query rows and positions of several captures, in order."""
-    return [(np.concatenate([p[l][0] for p in parts]), np.concatenate([p[l][1] for p in parts]))
-            for l in range(len(parts[0]))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +72,6 @@ class PrefilledState:
     def cached_tokens(self) -> int:
         """Positions the saved cache holds."""
         return self.context_tokens + self.question_tokens - len(self.pending)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkPrefix:
-    """A budgeted prefill stopped right before its first compression: the
-    cache of its first `n_chunks` chunks, all uncompressed, and the last
-    chunk's window queries. Every method and budget with the same tokens,
-    chunk and window passes through this state, so a sweep resumes here
-    instead of prefilling again (`compress_budgeted(prefixes=...)`)."""
-
-    blob: bytes
-    n_chunks: int
-    n_tokens: int
-    captured: list
-    prefill_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,141 +327,8 @@ class CompressedLlama:
         prefix's time as if it had been prefilled again (the caller's wall
         clock does not). The dict holds one state blob per distinct first
         compression: drop it when the context changes."""
-        m, merge = parse_method(method, **params)
-        _require_window_queries(merge, "budgeted prefill")
-        # Compactor's tile attention depends on its own tile only, so each
-        # chunk's queries score the chunk once and its score travels with the
-        # kept cells; the other context scorers need every token's queries
-        # (or a re-read) at once.
-        carry = m.name == "compactor"
-        if m.context_scorer and not carry:
-            raise BadRequestError(f"{m.name} is not available in the budgeted prefill; use compactor, snapkv, gkv, "
-                                  "laser, knorm or streaming there")
-        if carry and (shared or question is not None or merge is not None or m.headwise != "none"):
-            raise BadRequestError("compactor@budget runs per head, query-agnostic, without a merge or head-wise "
-                                  "budgets")
-        if budget < 1 or chunk < 1:
-            raise BadRequestError("budget and chunk must be >= 1 token")
-        with self._keep_context_on_failure():
-            tokens = self._tokens_for(context)
-            # room for the budget, a chunk, and the question and answer that follow (1 at least)
-            self._check_room(budget + chunk + 1)
-            q_tokens = self._question_tokens(question) if question is not None else None
-            if q_tokens is not None:
-                self._check_room(budget + chunk + len(q_tokens) + 1)
-            w_max = 0 if carry else observation_window(m, merge)
-            _require_window_fits(w_max, budget)
-            n_prefix = self._n_prefix if carry else 0
-            # compactor: kept cells' tile attention and true positions; queries of the cells added since
-            tile = {"hist": None, "kpos": None, "pending": []}
-            self._reset()
-            t = {"prefill": 0.0, "compress": 0.0, "n": 0}
-            self.budget_trace = []  # cells held after each chunk (after its compression)
-
-            def after_chunk(captured):
-                t0 = time.perf_counter()
-                if self._live > budget:
-                    extra = self._carried_inputs(tile) if carry else {}
-                    res = compress_cache(self.ctx, self.info, m, merge=merge, budget=budget, shared=shared,
-                                         capture=self.capture, n_threads=self.n_threads, captured=captured,
-                                         n_prefix=n_prefix, **extra)
-                    self._live = res.cells_after
-                    t["n"] += 1
-                    t["backend"] = res.merge_report.get("apply", {}).get("backend", "")
-                    if carry:
-                        tile["hist"] = res.merge_report["global"]
-                        tile["kpos"] = np.take_along_axis(extra["key_pos"], res.keep, axis=2)
-                        tile["pending"] = []
-                self.budget_trace.append(self._live)
-                t["compress"] += time.perf_counter() - t0
-
-            starts = list(range(0, len(tokens), chunk))
-            # Until the first compression every chunk is kept whole, so the cache is the same for
-            # any method and budget; it comes after chunk `first`, the first to end past the budget.
-            first = next((i for i, a in enumerate(starts) if min(a + chunk, len(tokens)) > budget), None)
-            key = None
-            if prefixes is not None and q_tokens is None and first is not None:
-                key = (id(self), tuple(tokens), chunk, w_max, carry)  # a blob fits only the model that wrote it
-            i0 = 0
-            fits = [p for (k, _), p in prefixes.items() if k == key and p.n_chunks <= first + 1] if key else []
-            if fits:
-                p = max(fits, key=lambda p: p.n_chunks)
-                if not kvstate.set_blob(self.ctx, p.blob):
-                    raise GrkvError("llama.cpp rejected the saved chunk prefix")
-                self.llm.n_tokens = self._live = p.n_tokens
-                self.budget_trace = [min((j + 1) * chunk, len(tokens)) for j in range(p.n_chunks - 1)]
-                t["prefill"], i0 = p.prefill_s, p.n_chunks
-                tile["pending"] = [p.captured] if carry else []
-                after_chunk(p.captured)  # compresses when the prefix stopped right before the first compression
-            for i in range(i0, len(starts)):
-                a = starts[i]
-                piece = tokens[a: a + chunk]
-                w = min(w_max, len(piece))
-                t0 = time.perf_counter()
-                captured = None
-                if q_tokens is not None:
-                    self._eval(piece)
-                    end = self.llm.n_tokens
-                    self.capture.set_targets([(*QUERIES, list(range(end, end + len(q_tokens))))])
-                    with self.capture.enabled():
-                        self._eval(q_tokens)
-                    captured = captured_queries(self.capture, self.info)
-                    kvstate.remove_from(self.ctx, end)  # the question's cells go; its queries stay
-                    self.llm.n_tokens = end
-                    self._live -= len(q_tokens)
-                elif carry:  # every token's queries, kept until the next compression
-                    if i == i0:
-                        self.capture.set_targets([(*QUERIES, list(range(len(tokens))))])
-                    with self.capture.enabled():
-                        self._eval(piece)
-                    tile["pending"].append(captured_queries(self.capture, self.info))
-                    captured = _join_layers(tile["pending"])
-                elif w:
-                    self.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
-                    self._eval(piece[: len(piece) - w])
-                    with self.capture.enabled():
-                        self._eval(piece[len(piece) - w:])
-                else:
-                    self._eval(piece)
-                t["prefill"] += time.perf_counter() - t0
-                if key is not None and i == first and (key, i + 1) not in prefixes:
-                    try:
-                        if not carry:
-                            captured = captured_queries(self.capture, self.info) if w else []
-                    except NativeError as e:  # as compress_cache reports it on the fresh path
-                        raise CompressionError(f"no captured queries: {e}") from e
-                    prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(self.ctx), i + 1, self.llm.n_tokens,
-                                                         captured, t["prefill"])
-                after_chunk(captured)
-        state = kvstate.parse(kvstate.get_blob(self.ctx))
-        self._context_len = self.llm.n_tokens
-        self._cells = state.part_info(0)["n_cells"]
-        per_cell = state.part_info(0)["bytes_per_cell"]
-        label = _label(m, merge, shared)
-        self.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
-                           kv_cells_after=self._cells, kv_bytes_after=kvstate.kv_bytes(state),
-                           # the compressed part as if it held every token; other parts (an iSWA
-                           # model's window cache) are not compressed and count as they are
-                           kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - self._cells) * per_cell,
-                           prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"],
-                           apply_backend=t.get("backend", ""))
-        self._memory_stats(kvstate.bytes_per_cell(state),
-                           simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
-        return self.stats
-
-    def _carried_inputs(self, tile: dict) -> dict:
-        """compactor@budget: the kept cells' tile attention and true positions,
-        then the cells added since (their queries are in the capture)."""
-        state = kvstate.parse(kvstate.get_blob(self.ctx))
-        pos = state.positions(0).astype(np.int32)
-        L, hkv, n = len(self.info.cache_layers), self.info.n_head_kv, len(pos)
-        hist = np.zeros((L, hkv, n), np.float32)
-        kpos = np.broadcast_to(pos, (L, hkv, n)).copy()
-        old = 0 if tile["hist"] is None else tile["hist"].shape[2]
-        if old:
-            hist[:, :, :old] = tile["hist"]
-            kpos[:, :, :old] = tile["kpos"]
-        return {"history": hist, "key_pos": kpos, "carried": old}
+        return budgeted.run(self, context, budget=budget, chunk=chunk, method=method, shared=shared,
+                            question=question, prefixes=prefixes, **params)
 
     def kv_cache_sizes(self) -> list[int]:
         """Cells llama.cpp allocated per cache: n_ctx, and for an iSWA model

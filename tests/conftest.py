@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import grkv_cpp  # noqa: F401  (first: it picks the patched libllama before any test imports llama_cpp)
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import write_tiny_llama  # noqa: E402
 

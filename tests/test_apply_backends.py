@@ -75,7 +75,7 @@ def test_refused_layout_leaves_the_cache(tiny_gguf):
     m.prefill(CONTEXT)
     before = kvstate.get_blob(m.ctx)
     be = InplaceBackend()
-    st = be.read(m.ctx)
+    st = be.snapshot(be.read(m.ctx))
     bad = _native.SeqState(kvstate.get_blob(m.ctx))
     # positions must rise: a state whose cells repeat a position is refused before any write
     blob = bytearray(bad.serialize())

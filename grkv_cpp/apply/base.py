@@ -13,13 +13,17 @@ class Backend:
     def read(self, ctx) -> _native.SeqState:
         raise NotImplementedError
 
+    def snapshot(self, state: _native.SeqState):
+        """What rollback() needs to put the state just read back."""
+        raise NotImplementedError
+
     def write(self, ctx, state: _native.SeqState, part: int = 0):
         """Replace the cells of cache part `part` with the state's. Raises
         CompressionError when llama.cpp refuses (the cache is then unchanged)."""
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def rollback(self, ctx, original: _native.SeqState, part: int = 0):
-        """On an exception inside, put `original`'s part back."""
+    def rollback(self, ctx, snapshot, part: int = 0):
+        """On an exception inside, put the snapshot's part back."""
         raise NotImplementedError
         yield

@@ -13,15 +13,21 @@ class BlobBackend(Backend):
 
     name = "blob"
 
+    def __init__(self):
+        self._blob = b""
+
     def read(self, ctx) -> _native.SeqState:
-        return kvstate.parse(kvstate.get_blob(ctx))
+        self._blob = kvstate.get_blob(ctx)
+        return kvstate.parse(self._blob)
+
+    def snapshot(self, state: _native.SeqState) -> bytes:
+        return self._blob  # the blob just read is the original
 
     def write(self, ctx, state: _native.SeqState, part: int = 0):
         if not kvstate.set_blob(ctx, state.serialize()):
             raise CompressionError("llama.cpp rejected the compressed state")
 
     @contextlib.contextmanager
-    def rollback(self, ctx, original: _native.SeqState, part: int = 0):
-        blob = original.serialize()
-        with kvstate.Rollback(ctx, blob):
+    def rollback(self, ctx, snapshot: bytes, part: int = 0):
+        with kvstate.Rollback(ctx, snapshot):
             yield

@@ -45,6 +45,9 @@ class InplaceBackend(Backend):
         except NativeError as e:
             raise CompressionError(str(e)) from e
 
+    def snapshot(self, state: _native.SeqState) -> _native.SeqState:
+        return state.copy()
+
     def write(self, ctx, state: _native.SeqState, part: int = 0):
         try:
             _native.inplace_apply(_api(), _addr(ctx), state, part)
@@ -52,7 +55,7 @@ class InplaceBackend(Backend):
             raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
 
     @contextlib.contextmanager
-    def rollback(self, ctx, original: _native.SeqState, part: int = 0):
+    def rollback(self, ctx, original: _native.SeqState, part: int = 0):  # original: snapshot()
         try:
             yield
         except BaseException as exc:
