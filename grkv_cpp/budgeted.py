@@ -150,20 +150,24 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
                 prefixes[(key, i + 1)] = ChunkPrefix(kvstate.get_blob(model.ctx), i + 1, model.llm.n_tokens,
                                                      captured, t["prefill"])
             after_chunk(captured)
+    return finish(model, tokens, _label(m, merge, shared), t, chunk=chunk, budget=budget)
+
+
+def finish(model, tokens, label: str, t: dict, *, chunk: int, budget: int) -> Stats:
+    """The context's bookkeeping and Stats after a budgeted prefill."""
     state = kvstate.parse(kvstate.get_blob(model.ctx))
     model._context_len = model.llm.n_tokens
     model._cells = state.part_info(0)["n_cells"]
     per_cell = state.part_info(0)["bytes_per_cell"]
-    label = _label(m, merge, shared)
     model.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
-                       kv_cells_after=model._cells, kv_bytes_after=kvstate.kv_bytes(state),
-                       # the compressed part as if it held every token; other parts (an iSWA
-                       # model's window cache) are not compressed and count as they are
-                       kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - model._cells) * per_cell,
-                       prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"],
-                       apply_backend=t.get("backend", ""))
+                        kv_cells_after=model._cells, kv_bytes_after=kvstate.kv_bytes(state),
+                        # the compressed part as if it held every token; other parts (an iSWA
+                        # model's window cache) are not compressed and count as they are
+                        kv_bytes_before=kvstate.kv_bytes(state) + (len(tokens) - model._cells) * per_cell,
+                        prefill_s=t["prefill"], compress_s=t["compress"], compressions=t["n"],
+                        apply_backend=t.get("backend", ""))
     model._memory_stats(kvstate.bytes_per_cell(state),
-                       simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
+                        simulate(len(tokens), chunk=chunk, budget=budget, evict_during_prefill=True))
     return model.stats
 
 

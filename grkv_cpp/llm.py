@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import llama_cpp.llama_cpp as L
 
-from . import budgeted, kvstate, reread
+from . import budgeted, hook, kvstate, reread
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
 from .errors import BadRequestError, GrkvError
@@ -309,7 +309,7 @@ class CompressedLlama:
 
     def compress_budgeted(self, context: str, *, budget: int, chunk: int = 512, method: str | Method = "snapkv",
                           shared: bool = False, question: str | None = None, prefixes: dict | None = None,
-                          **params) -> Stats:
+                          driver: str = "loop", **params) -> Stats:
         """Bounded-memory prefill: feed the context in chunks of `chunk` tokens
         and compress the cache back to `budget` cells after each chunk, so a
         context many times n_ctx runs in a cache of budget + chunk cells.
@@ -326,7 +326,16 @@ class CompressedLlama:
         is the same as a prefill from the start, and prefill_s counts the
         prefix's time as if it had been prefilled again (the caller's wall
         clock does not). The dict holds one state blob per distinct first
-        compression: drop it when the context changes."""
+        compression: drop it when the context changes.
+        `driver="hook"` (patched llama.cpp): the compressions run from
+        llama_decode's after-decode hook, one decode per chunk (grkv_cpp/hook.py)."""
+        if driver == "hook":
+            if question is not None or prefixes is not None:
+                raise BadRequestError("the hook-driven budgeted prefill is query-agnostic and keeps no prefixes")
+            return hook.budgeted_through_hook(self, context, budget=budget, chunk=chunk, method=method,
+                                              shared=shared, **params)
+        if driver != "loop":
+            raise BadRequestError(f"driver must be 'loop' or 'hook', not {driver!r}")
         return budgeted.run(self, context, budget=budget, chunk=chunk, method=method, shared=shared,
                             question=question, prefixes=prefixes, **params)
 

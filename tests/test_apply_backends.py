@@ -134,3 +134,26 @@ def test_eval_callback_only_while_capturing(tiny_gguf):
     with m.capture.enabled():
         m._eval([10, 11])
     assert all(len(m.capture.rows(0, il)) == 2 for il in m.info.cache_layers)
+
+
+BUDGET_CTX = "abc def ghi jkl mno pqr " * 200
+
+
+@pytest.mark.parametrize("method", ["knorm", "streaming", "snapkv", "snapkv+grkv"])
+def test_budgeted_prefill_through_the_hook(tiny_gguf, method):
+    """The hook (compressing from inside llama_decode) and the loop (between
+    decodes) give the same trace and kept positions; byte-identical caches
+    where both decode each chunk in one batch (no query window)."""
+    m = CompressedLlama(tiny_gguf, n_ctx=512, n_batch=128)
+    loop = m.compress_budgeted(BUDGET_CTX, budget=200, chunk=128, method=method)
+    blob_loop, trace_loop = kvstate.get_blob(m.ctx), list(m.budget_trace)
+    hooked = m.compress_budgeted(BUDGET_CTX, budget=200, chunk=128, method=method, driver="hook")
+    blob_hook = kvstate.get_blob(m.ctx)
+    assert list(m.budget_trace) == trace_loop and hooked.compressions == loop.compressions > 3
+    assert max(m.budget_trace) <= 200 and hooked.kv_cells_after == 200
+    a, b = _native.SeqState(blob_loop), _native.SeqState(blob_hook)
+    assert list(a.positions(0)) == list(b.positions(0))
+    if method in ("knorm", "streaming"):
+        assert blob_hook == blob_loop
+    with pytest.raises(BadRequestError, match="n_batch"):
+        m.compress_budgeted(BUDGET_CTX, budget=200, chunk=256, method=method, driver="hook")
