@@ -124,10 +124,10 @@ PYBIND11_MODULE(_native, m) {
             a.seq_apply = reinterpret_cast<decltype(a.seq_apply)>(get("seq_apply"));
             return a;
         }));
-    m.def("inplace_read", [](const kvx::Api & api, uintptr_t ctx, int32_t seq) {
+    m.def("inplace_read", [](const kvx::Api & api, uintptr_t ctx, int32_t seq, int rows_of) {
         py::gil_scoped_release nogil;
-        return inplace_read(api, reinterpret_cast<void *>(ctx), seq);
-    }, py::arg("api"), py::arg("ctx"), py::arg("seq") = 0);
+        return inplace_read(api, reinterpret_cast<void *>(ctx), seq, rows_of);
+    }, py::arg("api"), py::arg("ctx"), py::arg("seq") = 0, py::arg("rows_of") = -1);
     m.def("inplace_apply", [](const kvx::Api & api, uintptr_t ctx, const SeqState & st, int part, int32_t seq) {
         py::gil_scoped_release nogil;
         inplace_apply(api, reinterpret_cast<void *>(ctx), seq, st, part);

@@ -211,6 +211,10 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             t_math = time.perf_counter() - t1
         except NativeError as e:
             raise CompressionError(str(e)) from e
+        # checked before the write: llama.cpp continues at the last position + 1
+        new_last = int(state.positions(PART)[-1])
+        if new_last != label_end:
+            raise CompressionError(f"the compressed layout ends at position {new_last}, expected {label_end}")
         t1 = time.perf_counter()
         be.write(ctx, state, PART)
         t_write = time.perf_counter() - t1

@@ -54,7 +54,7 @@ def test_read_equals_the_parsed_blob(tiny_gguf):
     m = CompressedLlama(tiny_gguf, n_ctx=1024)
     m.prefill(CONTEXT)
     via_blob = BlobBackend().read(m.ctx)
-    in_place = InplaceBackend().read(m.ctx)
+    in_place = InplaceBackend().read(m.ctx, part=None)
     assert in_place.serialize() == via_blob.serialize()
 
 
@@ -75,7 +75,7 @@ def test_refused_layout_leaves_the_cache(tiny_gguf):
     m.prefill(CONTEXT)
     before = kvstate.get_blob(m.ctx)
     be = InplaceBackend()
-    st = be.snapshot(be.read(m.ctx))
+    st = be.read(m.ctx)
     bad = _native.SeqState(kvstate.get_blob(m.ctx))
     # positions must rise: a state whose cells repeat a position is refused before any write
     blob = bytearray(bad.serialize())

@@ -39,14 +39,21 @@ class InplaceBackend(Backend):
 
     name = "inplace"
 
-    def read(self, ctx) -> _native.SeqState:
+    def read(self, ctx, part: int | None = 0) -> _native.SeqState:
+        """The rows of cache part `part` only (the compressed one; the others
+        bring their cells and row sizes, for the byte counts), or of every
+        part with part=None."""
         try:
-            return _native.inplace_read(_api(), _addr(ctx))
+            return _native.inplace_read(_api(), _addr(ctx), rows_of=-1 if part is None else part)
         except NativeError as e:
             raise CompressionError(str(e)) from e
 
-    def snapshot(self, state: _native.SeqState) -> _native.SeqState:
-        return state.copy()
+    def snapshot(self, state: _native.SeqState):
+        # Nothing to keep: every check runs before the single write
+        # (compress_cache's in Python, llama_kv_ext_seq_apply's in the library,
+        # which refuses a bad layout before touching a cell), so a failure
+        # leaves the cache as it was without a copy of 2x its size.
+        return None
 
     def write(self, ctx, state: _native.SeqState, part: int = 0):
         try:
@@ -55,12 +62,16 @@ class InplaceBackend(Backend):
             raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
 
     @contextlib.contextmanager
-    def rollback(self, ctx, original: _native.SeqState, part: int = 0):  # original: snapshot()
+    def rollback(self, ctx, snapshot=None, part: int = 0):
+        """With a snapshot (a SeqState), put its part back on failure; without
+        one there is nothing to undo (see snapshot())."""
         try:
             yield
-        except BaseException as exc:
-            try:
-                self.write(ctx, original, part)
-            except CompressionError as e:
-                raise CompressionError("compression failed and the original KV state could not be restored") from e
-            raise exc
+        except BaseException:
+            if snapshot is not None:
+                try:
+                    self.write(ctx, snapshot, part)
+                except CompressionError as e:
+                    raise CompressionError("compression failed and the original KV state could not be "
+                                           "restored") from e
+            raise

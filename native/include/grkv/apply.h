@@ -13,7 +13,9 @@ namespace grkv {
 
 // Sequence `seq`'s cells in every cache part, as parse_state() of its state
 // blob would give them (cells in ascending cell index, the blob's row layouts).
-SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq);
+// rows_of >= 0: only that part's K/V rows are read; the other parts keep their
+// cells, positions and row sizes with no row data (do not serialise them).
+SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq, int rows_of = -1);
 
 // Write part `part` of `st` (its active stream) over the sequence's cells.
 // The library checks everything before its first write, so on an error the

@@ -27,7 +27,7 @@ void need(const kvx::Api & api) {
 
 }  // namespace
 
-SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq) {
+SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq, int rows_of) {
     need(api);
     const int32_t n_parts = api.n_parts(ctx);
     check(n_parts, "n_parts");
@@ -60,7 +60,12 @@ SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq) {
                 v.bytes.resize((size_t) n * li.v_row_bytes);
                 v.row_bytes = li.v_row_bytes;
                 if (info.v_trans) v.el_bytes = (uint32_t) (li.v_row_bytes / li.n_embd_v);
-                check(api.read(ctx, p, seq, l, cells.data(), n, k.bytes.data(), v.bytes.data()), "read");
+                if (rows_of < 0 || rows_of == p) {
+                    check(api.read(ctx, p, seq, l, cells.data(), n, k.bytes.data(), v.bytes.data()), "read");
+                } else {  // shape only: this part is not compressed
+                    k.bytes.clear();
+                    v.bytes.clear();
+                }
                 s.k.push_back(std::move(k));
                 s.v.push_back(std::move(v));
             }
