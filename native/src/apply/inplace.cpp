@@ -54,17 +54,16 @@ SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq, int rows_of
                 k.type = info.type_k;
                 k.row_bytes = li.k_row_bytes;
                 k.n_embd = (uint32_t) li.n_embd_k;
-                k.bytes.resize((size_t) n * li.k_row_bytes);
+
                 v.type = info.type_v;
                 v.n_embd = (uint32_t) li.n_embd_v;
-                v.bytes.resize((size_t) n * li.v_row_bytes);
+
                 v.row_bytes = li.v_row_bytes;
                 if (info.v_trans) v.el_bytes = (uint32_t) (li.v_row_bytes / li.n_embd_v);
-                if (rows_of < 0 || rows_of == p) {
+                if (rows_of < 0 || rows_of == p) {  // else shape only: this part is not compressed
+                    k.bytes.resize((size_t) n * li.k_row_bytes);
+                    v.bytes.resize((size_t) n * li.v_row_bytes);
                     check(api.read(ctx, p, seq, l, cells.data(), n, k.bytes.data(), v.bytes.data()), "read");
-                } else {  // shape only: this part is not compressed
-                    k.bytes.clear();
-                    v.bytes.clear();
                 }
                 s.k.push_back(std::move(k));
                 s.v.push_back(std::move(v));
