@@ -48,9 +48,15 @@ def fetch_sdist(cache: Path) -> Path:
     want = cache / f"llama_cpp_python-{VERSION}.tar.gz"
     if not want.is_file():
         print(f"grkv-cpp: fetching the llama-cpp-python {VERSION} sdist through pip", file=sys.stderr, flush=True)
+        # Inside a pip build (this runs from CMake under `pip install`) the
+        # environment points at pip's build overlay and build tracker; a pip
+        # started from there fails to prepare the sdist, so it gets the
+        # environment the user started with.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PIP_BUILD_TRACKER", "PIP_REQ_TRACKER")}
         subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps",
-                        "--no-binary", ":all:", "--no-build-isolation", "-d", str(cache), "-q"], check=True,
-                       stdout=sys.stderr)
+                        "--no-binary", ":all:", "-d", str(cache), "-q"], check=True,
+                       stdout=sys.stderr, env=env)
     if not want.is_file():
         sys.exit(f"grkv-cpp: pip did not leave {want.name} in {cache}")
     return want
