@@ -87,7 +87,10 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 
     context, needles = demo_context()
     m = _model(model, n_ctx=2048, n_threads=threads, n_gpu_layers=n_gpu_layers)
-    click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads)")
+    from .apply import backend
+
+    click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads); "
+               f"apply backend: {backend().name}")
     kept = f"{kv_ratio:.0%} kept"
     runs = [("full cache", None, {}),
             (f"compactor (the default), {kept}", "compactor", {}),
