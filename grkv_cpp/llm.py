@@ -11,14 +11,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import llama_cpp.llama_cpp as L
 
-from . import budgeted, hook, kvstate, reread
+from . import budgeted, decode_compression, hook, kvstate, reread
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
 from .errors import BadRequestError, GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .apply import patched_library
-from .checks import label as _label, require_window_fits as _require_window_fits
+from .checks import label as _label
 from .checks import require_window_queries as _require_window_queries
 from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
@@ -74,15 +74,6 @@ class PrefilledState:
         return self.context_tokens + self.question_tokens - len(self.pending)
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodePolicy:
-    budget: int
-    every: int
-    method: Method
-    merge: object
-    window: int
-
-
 class CompressedLlama:
     """A GGUF model with a compressible KV cache.
 
@@ -121,7 +112,7 @@ class CompressedLlama:
         self._format = None
         self._n_prefix = 0           # template prefix tokens of the current context (the sinks)
         self._reread_cache = None    # (state, settings, Reread): one re-read pass per prefilled state
-        self._decode: DecodePolicy | None = None
+        self._decode: decode_compression.DecodePolicy | None = None
         self._decode_since = 0       # tokens generated since the last decode-time compression
         self._gkv_hist = None        # G-KV history: kept cells' global scores [L, Hkv, cells]
         self.budget_trace: list[int] = []  # budgeted prefill: cells after each chunk
@@ -563,43 +554,11 @@ class CompressedLlama:
         holds at most budget + every cells. The method scores with the last
         generated tokens' queries (`gkv`: global score with history, the
         default; `snapkv`, `knorm`, ... work too); its window is protected."""
-        if budget is None:
-            self._decode = None
-            return
-        m, merge = parse_method(method, **params)
-        if m.context_scorer:
-            raise BadRequestError(f"{m.name} scores a whole context; decode-time compression uses gkv, snapkv, ...")
-        w = observation_window(m, merge)
-        if budget < 1 or every < 1:
-            raise GrkvError("decode compression budget and interval must be >= 1 token")
-        _require_window_fits(w, budget)
-        _require_window_queries(merge, "decode-time compression")
-        self._decode = DecodePolicy(budget, every, m, merge, w)
+        self._decode = decode_compression.policy(budget, every, method, **params)
         self._decode_since = 0
 
-    def _maybe_compress_decode(self, p: "DecodePolicy"):
-        # every `every` tokens, or at once (after a full window) when the cache
-        # started above budget + every, as G-KV compresses an oversized prompt
-        due = self._decode_since >= p.every or (self._live >= p.budget + p.every and self._decode_since >= p.window)
-        if not due or self._live <= p.budget:
-            return
-        layers = [(q[-p.window:], pos[-p.window:]) for q, pos in captured_queries(self.capture, self.info)]
-        hist = None
-        if p.method.name == "gkv" and self._gkv_hist is not None:
-            old = self._gkv_hist
-            if old.shape[2] <= self._live:  # tokens decoded since have no history yet
-                hist = np.zeros((*old.shape[:2], self._live), np.float32)
-                hist[:, :, : old.shape[2]] = old
-        t0 = time.perf_counter()
-        res = compress_cache(self.ctx, self.info, p.method, merge=p.merge, budget=p.budget, captured=layers,
-                             n_threads=self.n_threads, history=hist)
-        self._gkv_hist = res.merge_report.get("global")
-        self._live = res.cells_after
-        self._decode_since = 0
-        self.capture.clear()
-        self.stats.decode_compressions += 1
-        self.stats.decode_compress_s += time.perf_counter() - t0
-        self.decode_trace.append(res.cells_before)
+    def _maybe_compress_decode(self, p: "decode_compression.DecodePolicy"):
+        decode_compression.maybe_compress(self, p)
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced: the log-probability of each of `tokens` continuing
