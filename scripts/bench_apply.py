@@ -105,8 +105,15 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--flash-attn", action="store_true", help="V untransposed (flash attention)")
+    ap.add_argument("--budgeted", type=int, default=None,
+                    help="instead: a budgeted prefill of this many tokens (SnapKV, --budget, --chunk) with each "
+                         "backend, driven by the loop and by the hook")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.budgeted:
+        return budgeted(a)
     if not patched_library():
         sys.exit("bench_apply needs the patched llama.cpp (the default build; LLAMA_CPP_LIB_PATH points elsewhere)")
     rng = np.random.default_rng(0)
@@ -143,6 +150,35 @@ def main():
             b = by[(mod, n, ratio, "blob")]
             r["apply_speedup_vs_blob"] = b["apply_s"] / r["apply_s"]
             r["compress_speedup_vs_blob"] = b["compress_s"] / r["compress_s"]
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def budgeted(a):
+    """A long prompt through the budgeted prefill, per backend and driver."""
+    import os
+
+    from grkv_cpp.texts import haystack, passkey_needle
+
+    rows = []
+    for name in a.models.split(","):
+        with quiet():
+            m = CompressedLlama.for_budget(resolve_model(name), budget=a.budget, chunk=a.chunk, n_threads=a.threads)
+        per = len(m._tokens_for(haystack(20, []))) / 20
+        ctx = haystack(int(a.budgeted / per), [(0.5, passkey_needle(31415))])
+        for be, driver in (("blob", "loop"), ("inplace", "loop"), ("inplace", "hook")):
+            os.environ["GRKV_APPLY"] = be
+            t0 = time.perf_counter()
+            st = m.compress_budgeted(ctx, budget=a.budget, chunk=a.chunk, method="snapkv", driver=driver)
+            row = {"model": name, "context_tokens": st.context_tokens, "budget": a.budget, "chunk": a.chunk,
+                   "backend": st.apply_backend, "driver": driver, "wall_s": time.perf_counter() - t0,
+                   "prefill_s": st.prefill_s, "compress_s": st.compress_s, "compressions": st.compressions,
+                   "kv_cells_after": st.kv_cells_after}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        os.environ.pop("GRKV_APPLY", None)
+        m.close()
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(rows, indent=2) + "\n")
