@@ -79,6 +79,8 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
             t0 = time.perf_counter()
             if model._live > budget:
                 extra = _carried_inputs(model, tile) if carry else {}
+                if carry:  # the queries of every cell added since the last compression
+                    captured = _join_layers(tile["pending"])
                 res = compress_cache(model.ctx, model.info, m, merge=merge, budget=budget, shared=shared,
                                      capture=model.capture, n_threads=model.n_threads, captured=captured,
                                      n_prefix=n_prefix, **extra)
@@ -132,7 +134,6 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
                 with model.capture.enabled():
                     model._eval(piece)
                 tile["pending"].append(captured_queries(model.capture, model.info))
-                captured = _join_layers(tile["pending"])
             elif w:
                 model.capture.set_targets([(*QUERIES, list(range(a + len(piece) - w, a + len(piece))))])
                 model._eval(piece[: len(piece) - w])
@@ -143,7 +144,9 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
             t["prefill"] += time.perf_counter() - t0
             if key is not None and i == first and (key, i + 1) not in prefixes:
                 try:
-                    if not carry:
+                    if carry:
+                        captured = _join_layers(tile["pending"])
+                    else:
                         captured = captured_queries(model.capture, model.info) if w else []
                 except NativeError as e:  # as compress_cache reports it on the fresh path
                     raise CompressionError(f"no captured queries: {e}") from e
@@ -174,8 +177,13 @@ def finish(model, tokens, label: str, t: dict, *, chunk: int, budget: int) -> St
 def _carried_inputs(model, tile: dict) -> dict:
     """compactor@budget: the kept cells' tile attention and true positions,
     then the cells added since (their queries are in the capture)."""
-    state = kvstate.parse(kvstate.get_blob(model.ctx))
-    pos = state.positions(0).astype(np.int32)
+    # The cells' positions run without a gap up to the last one: the per-head
+    # layout labels the kept cells up to it, and the chunks since follow. (Only
+    # the last position is read: an iSWA model reports the first of its SWA cache.)
+    last = kvstate.pos_range(model.ctx)[1]
+    if last + 1 < model._live:
+        raise CompressionError(f"compactor@budget: {model._live} cells cannot end at position {last}")
+    pos = np.arange(last + 1 - model._live, last + 1, dtype=np.int32)
     L, hkv, n = len(model.info.cache_layers), model.info.n_head_kv, len(pos)
     hist = np.zeros((L, hkv, n), np.float32)
     kpos = np.broadcast_to(pos, (L, hkv, n)).copy()

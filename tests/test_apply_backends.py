@@ -2,15 +2,13 @@
 llama.cpp's llama_kv_ext_*) and the state blob. Skipped unless the loaded
 libllama is the patched build (LLAMA_CPP_LIB_PATH, see README)."""
 
-import ctypes
-
-import llama_cpp.llama_cpp as L
 import numpy as np
 import pytest
 
 from grkv_cpp import CompressedLlama, _native, kvstate
 from grkv_cpp.apply import BlobBackend, InplaceBackend, backend, patched_library
 from grkv_cpp.errors import BadRequestError, CompressionError, NativeError
+from grkv_cpp.hook import DecodeHook
 from grkv_cpp.methods.context import ALL_QUERIES
 from grkv_cpp.texts import haystack, passkey_needle
 
@@ -101,21 +99,14 @@ def test_backend_choice(monkeypatch):
         backend("gpu")
 
 
-HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
 
 
 def test_hook_fires_once_per_batch_with_the_positions(tiny_gguf):
     m = CompressedLlama(tiny_gguf, n_ctx=1024, n_batch=64)
     calls = []
-    cb = HOOK(lambda ctx, seq, p0, p1, ud: calls.append((seq, p0, p1)))
-    lib = L._lib
-    lib.llama_kv_ext_set_hook.argtypes = [ctypes.c_void_p, HOOK, ctypes.c_void_p]
-    lib.llama_kv_ext_set_hook(m.ctx, cb, None)
-    try:
-        m._reset()
+    m._reset()
+    with DecodeHook(m.ctx, lambda seq, p0, p1: calls.append((seq, p0, p1))):
         m._eval(list(range(1, 201)))  # 200 tokens in batches of 64
-    finally:
-        lib.llama_kv_ext_set_hook(m.ctx, HOOK(), None)
     assert calls == [(0, 0, 63), (0, 0, 127), (0, 0, 191), (0, 0, 199)]
     m._eval([5])
     assert len(calls) == 4  # removed

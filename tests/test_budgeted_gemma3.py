@@ -31,3 +31,18 @@ def test_gemma3_12k_prompt_in_a_1k_budget(gemma3_gguf):
     assert st.kv_peak == pytest.approx((budget + chunk) / n)
     answer = m.ask(nd.question, max_tokens=12, answer_prefix=" The pass key is")
     assert nd.answer in answer
+
+
+@pytest.mark.slow
+def test_gemma3_compactor_budgeted(gemma3_gguf):
+    """compactor@budget on the iSWA cache (a window-sized SWA cache, whose
+    first position is not the global cache's): every chunk past the budget
+    is compressed back to it, positions end at the prompt's last token."""
+    budget, chunk = 512, 256
+    m = CompressedLlama.for_budget(gemma3_gguf, budget=budget, chunk=chunk, headroom=128)
+    st = m.compress_budgeted(haystack(60, [(0.5, passkey_needle(27182))]), budget=budget, chunk=chunk,
+                             method="compactor")
+    n_chunks = -(-st.context_tokens // chunk)
+    assert st.compressions == n_chunks - budget // chunk >= 3
+    assert all(c == budget for c in m.budget_trace[budget // chunk:])
+    assert kvstate.pos_range(m.ctx)[1] == st.context_tokens - 1

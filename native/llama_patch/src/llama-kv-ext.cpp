@@ -47,6 +47,29 @@ std::vector<run> runs_of(const uint32_t * idx, size_t n) {
     return out;
 }
 
+// Copy the rows of runs `rr` between host buffers in the state blob's layouts
+// (K [n][row]; V [n][row], or [n_embd_v][n] when transposed) and one layer's
+// storage: into the cache when `to_cache`, out of it otherwise.
+void copy_runs(const llama_kv_ext_layer & L, bool v_trans, uint32_t kv_size, size_t n, const std::vector<run> & rr,
+               uint8_t * kb, uint8_t * vb, bool to_cache) {
+    auto io = [to_cache](ggml_tensor * t, uint8_t * host, size_t off, size_t size) {
+        if (to_cache) ggml_backend_tensor_set(t, host, off, size);
+        else ggml_backend_tensor_get(t, host, off, size);
+    };
+    const size_t el = L.v ? ggml_type_size(L.v->type) : 0;
+    for (const run & r : rr) {
+        io(L.k, kb + r.i * L.k_row_bytes, r.cell * L.k_row_bytes, r.n * L.k_row_bytes);
+        if (!L.v) continue;
+        if (!v_trans) {
+            io(L.v, vb + r.i * L.v_row_bytes, r.cell * L.v_row_bytes, r.n * L.v_row_bytes);
+        } else {
+            for (int32_t j = 0; j < L.n_embd_v; ++j) {
+                io(L.v, vb + ((size_t) j * n + r.i) * el, ((size_t) j * kv_size + r.cell) * el, r.n * el);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 //
@@ -102,21 +125,8 @@ int32_t llama_kv_cache::ext_read(llama_seq_id seq_id, int32_t ikv, const int32_t
         if (cell[i] < 0 || (uint32_t) cell[i] >= kv_size) return LLAMA_KV_EXT_E_ARG;
         idx[i] = (uint32_t) cell[i];
     }
-    auto * kb = static_cast<uint8_t *>(k_out);
-    auto * vb = static_cast<uint8_t *>(v_out);
-    for (const run & r : runs_of(idx.data(), idx.size())) {
-        ggml_backend_tensor_get(L.k, kb + r.i * L.k_row_bytes, r.cell * L.k_row_bytes, r.n * L.k_row_bytes);
-        if (!L.v) continue;
-        if (!v_trans) {
-            ggml_backend_tensor_get(L.v, vb + r.i * L.v_row_bytes, r.cell * L.v_row_bytes, r.n * L.v_row_bytes);
-        } else {
-            const size_t el = ggml_type_size(L.v->type);
-            for (int32_t j = 0; j < L.n_embd_v; ++j) {
-                ggml_backend_tensor_get(L.v, vb + ((size_t) j * n + r.i) * el, ((size_t) j * kv_size + r.cell) * el,
-                                        r.n * el);
-            }
-        }
-    }
+    copy_runs(L, v_trans, kv_size, n, runs_of(idx.data(), idx.size()), static_cast<uint8_t *>(k_out),
+              static_cast<uint8_t *>(v_out), false);
     return 0;
 }
 
@@ -161,21 +171,9 @@ int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llam
     for (size_t l = 0; l < layers.size(); ++l) {
         struct llama_kv_ext_layer L;
         ext_layer((int32_t) l, seq_id, &L);
-        const auto * kb = static_cast<const uint8_t *>(k_rows[l]);
-        const auto * vb = static_cast<const uint8_t *>(v_data[l]);
-        for (const run & r : rr) {
-            ggml_backend_tensor_set(L.k, kb + r.i * L.k_row_bytes, r.cell * L.k_row_bytes, r.n * L.k_row_bytes);
-            if (!L.v) continue;
-            if (!v_trans) {
-                ggml_backend_tensor_set(L.v, vb + r.i * L.v_row_bytes, r.cell * L.v_row_bytes, r.n * L.v_row_bytes);
-            } else {
-                const size_t el = ggml_type_size(L.v->type);
-                for (int32_t j = 0; j < L.n_embd_v; ++j) {
-                    ggml_backend_tensor_set(L.v, vb + ((size_t) j * n + r.i) * el,
-                                            ((size_t) j * kv_size + r.cell) * el, r.n * el);
-                }
-            }
-        }
+        // written, never modified: the casts only share copy_runs with the read
+        copy_runs(L, v_trans, kv_size, n, rr, static_cast<uint8_t *>(const_cast<void *>(k_rows[l])),
+                  static_cast<uint8_t *>(const_cast<void *>(v_data[l])), true);
     }
     return n;
 }
