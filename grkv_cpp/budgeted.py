@@ -161,6 +161,8 @@ def finish(model, tokens, label: str, t: dict, *, chunk: int, budget: int) -> St
     state = kvstate.parse(kvstate.get_blob(model.ctx))
     model._context_len = model.llm.n_tokens
     model._cells = state.part_info(0)["n_cells"]
+    model._tokens = list(tokens)
+    model._settings = dict(method=f"{label}-budgeted", budget=budget, chunk=chunk)
     per_cell = state.part_info(0)["bytes_per_cell"]
     model.stats = Stats(method=f"{label}-budgeted", context_tokens=len(tokens), kv_cells_before=len(tokens),
                         kv_cells_after=model._cells, kv_bytes_after=kvstate.kv_bytes(state),

@@ -48,6 +48,16 @@ def _model(path_or_name: str, **kw):
         return CompressedLlama(path, **kw)
 
 
+def require_extra(extra: str, modules: tuple[str, ...]):
+    """Name a missing optional extra before any work starts, not after it."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"this command needs the '{extra}' extra ({', '.join(missing)} missing): "
+                                   f"pip install 'grkv-cpp[{extra}]'")
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -127,11 +137,16 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 
 @main.command()
 @click.option("--model", required=True, help="GGUF path, or smollm2 / gemma3.")
-@click.option("--context-file", type=click.File("r"), required=True, help="Text file with the long context ('-' = stdin).")
+@click.option("--context-file", type=click.File("r"), default=None,
+              help="Text file with the long context ('-' = stdin).")
+@click.option("--save-context", "save_context", type=click.Path(dir_okay=False), default=None,
+              help="After compressing, save the compressed context to this file (reload with --load-context).")
+@click.option("--load-context", "load_context", type=click.Path(dir_okay=False), default=None,
+              help="Answer from a context saved with --save-context instead of reading --context-file.")
 @click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
 @click.option("--method", default=None, callback=_check_method,
               help=METHODS_HELP + " Default: compactor; snapkv with --query-aware or --chunk.")
-@click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache.")
+@click.option("--kv-ratio", type=float, default=None, help="Kept fraction of the context's cache (default 0.5).")
 @click.option("--kv-budget", type=int, default=None, help="Kept tokens (cells).")
 @click.option("--chunk", type=int, default=None,
               help="With --kv-budget: bounded-memory prefill in chunks of this many tokens, compressing back to "
@@ -161,21 +176,28 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 @_gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
+def ask(model, context_file, save_context, load_context, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
         query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
         flash_attn, threads, n_gpu_layers, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method is None:  # Compactor needs the whole context and no question; the others run chunked / query-aware
         method = "snapkv" if query_aware or chunk is not None else "compactor"
-    if method != "full" and (kv_ratio is None) == (kv_budget is None):
-        raise click.UsageError("give exactly one of --kv-ratio or --kv-budget")
+    if (context_file is None) == (load_context is None):
+        raise click.UsageError("give --context-file FILE or --load-context FILE")
+    if load_context is not None and (save_context or query_aware or chunk is not None):
+        raise click.UsageError("--load-context answers from a saved context: it takes no --save-context, "
+                               "--query-aware or --chunk")
+    if kv_ratio is not None and kv_budget is not None:
+        raise click.UsageError("give one of --kv-ratio or --kv-budget, not both")
+    if method != "full" and kv_ratio is None and kv_budget is None:
+        kv_ratio = 0.5
     if query_aware and method == "full":
         raise click.UsageError("--query-aware compresses: give a method other than full")
     if query_aware and len(questions) != 1:
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
     if chunk is not None and (kv_budget is None or method == "full"):
         raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a method")
-    context = context_file.read()
+    context = context_file.read() if context_file is not None else None
     kw = {}
     if chunk is not None:
         n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
@@ -200,12 +222,20 @@ def ask(model, context_file, questions, method, kv_ratio, kv_budget, chunk, shar
                                    shared=shared, max_tokens=max_tokens, **params)
         results.append({"question": questions[0], "answer": ans, "stats": m.stats.to_dict()})
     else:
-        if method == "full":
+        if load_context is not None:
+            m.load(load_context)
+        elif method == "full":
             m.prefill(context)
         elif chunk is not None:
             m.compress_budgeted(context, budget=kv_budget, chunk=chunk, method=method, shared=shared, **params)
         else:
             m.compress(context, method=method, ratio=kv_ratio, budget=kv_budget, shared=shared, **params)
+        if save_context is not None:
+            size = m.save(save_context)
+            click.echo(f"saved the compressed context to {save_context}: {_human_bytes(size)} "
+                       f"(the full cache's K/V: {_human_bytes(m.stats.kv_bytes_before)})", err=True)
+        if m.stats.note:
+            click.echo(f"note: {m.stats.note}", err=True)
         for q in questions:
             ans = m.ask(q, max_tokens=max_tokens)
             results.append({"question": q, "answer": ans, "stats": m.stats.to_dict()})
@@ -294,8 +324,10 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
         results_files,
         run_eval,
     )
-    from .eval.report import markdown, write_all
     from .models import resolve_model
+
+    require_extra("eval", ("tqdm", "matplotlib") + (("wonderwords",) if gen_tasks is not None else ()))
+    from .eval.report import markdown, write_all
 
     if (data is None) == (gen_tasks is None):
         raise click.UsageError("give exactly one of --data FILE or --generate TASKS")

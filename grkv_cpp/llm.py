@@ -6,15 +6,16 @@ import contextlib
 import dataclasses
 import os
 import time
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import llama_cpp.llama_cpp as L
 
-from . import budgeted, decode_compression, hook, kvstate, reread
+from . import budgeted, decode_compression, hook, kvstate, persist, reread
 from .capture import QUERIES, GraphCapture
 from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
-from .errors import BadRequestError, GrkvError
+from .errors import BadRequestError, CompressionError, GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
 from .apply import patched_library
@@ -22,7 +23,7 @@ from .checks import label as _label
 from .checks import require_window_queries as _require_window_queries
 from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
-from .prompt import build_format
+from .prompt import PromptFormat, build_format
 from .stats import Stats
 
 
@@ -32,6 +33,11 @@ def default_method(method, query_aware: bool):
     if method is not None:
         return method
     return "snapkv" if query_aware else "compactor"
+
+
+def _jsonable(params: dict) -> dict:
+    """Method parameters as JSON values (a context file's header)."""
+    return {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)) for k, v in params.items()}
 
 
 def _needs_reread(m: Method, merge) -> bool:
@@ -87,6 +93,10 @@ class CompressedLlama:
                  n_threads: int | None = None, flash_attn: bool = False, type_k: str = "f16",
                  type_v: str = "f16", seed: int = 0, swa_full: bool = True, n_gpu_layers: int = 0,
                  verbose: bool = False):
+        self.model_path = Path(model_path)
+        self.cache_types = (type_k, type_v)
+        self.flash_attn = bool(flash_attn)
+        self._identity = None
         self.capture = GraphCapture()
         self.capture.set_targets([QUERIES])
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
@@ -111,12 +121,15 @@ class CompressedLlama:
         self._live = 0               # cells the sequence occupies now (context + question/answer)
         self._format = None
         self._n_prefix = 0           # template prefix tokens of the current context (the sinks)
+        self._tokens: list[int] = []  # the current context's tokens (a context file keeps them)
+        self._settings: dict = {}    # how the current context was compressed (a context file's header)
         self._reread_cache = None    # (state, settings, Reread): one re-read pass per prefilled state
         self._decode: decode_compression.DecodePolicy | None = None
         self._decode_since = 0       # tokens generated since the last decode-time compression
         self._gkv_hist = None        # G-KV history: kept cells' global scores [L, Hkv, cells]
         self.budget_trace: list[int] = []  # budgeted prefill: cells after each chunk
         self.decode_trace: list[int] = []  # decode-time compression: cells before each one
+        self.finish_reason = ""      # the last generate(): "stop" (end of turn or a stop string) or "length"
 
     @classmethod
     def for_budget(cls, model_path: str | os.PathLike, *, budget: int, chunk: int = 512, headroom: int = 256,
@@ -262,33 +275,77 @@ class CompressedLlama:
                                   "compress without question=")
         with self._keep_context_on_failure():
             tokens = self._tokens_for(context)
-            n_ctx_tokens = len(tokens)
-            if question is not None:
-                tokens = tokens + self._question_tokens(question, answer_prefix)
-            self._check_room(len(tokens) + 1)
-            m = _widen_to_question(m, len(tokens) - n_ctx_tokens)
-            # Query-aware: the last token is decoded after compression, so the
-            # first answer token comes from the compressed cache.
-            body = tokens if question is None else tokens[:-1]
-            resolve_budget(len(body), ratio, budget)  # bad arguments fail before the cache is wiped
-            positions, whole = capture_positions(len(body), m, merge)
-            t0 = time.perf_counter()
-            self._prefill(body, positions, whole)
-            t1 = time.perf_counter()
-            # the re-read pass reuses the capture: keep GRKV's window queries from the prefill first
-            grkv = merge is not None and merge.name == "grkv"
-            captured = captured_queries(self.capture, self.info) if _needs_reread(m, merge) and grkv else None
-            rr = self._reread(m, merge, body, self._n_prefix)
+            q = self._question_tokens(question, answer_prefix) if question is not None else []
+            return self._compress(tokens, q, m, merge, ratio=ratio, budget=budget, shared=shared, params=params)
+
+    def compress_tokens(self, tokens: Sequence[int], *, n_prefix: int = 0, method: str | Method | None = None,
+                        ratio: float | None = None, budget: int | None = None, shared: bool = False,
+                        **params) -> Stats:
+        """`compress` on raw token ids (no chat template, query-agnostic):
+        the server's path. `n_prefix` leading tokens are the template's
+        prefix (protected as sinks). Continue with `feed()` and `generate()`;
+        `ask()` needs a context given as text."""
+        m, merge = parse_method(default_method(method, False), **params)
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise BadRequestError("no tokens to compress")
+        if not 0 <= n_prefix < len(tokens):
+            raise BadRequestError(f"n_prefix must be in [0, {len(tokens)}), got {n_prefix}")
+        with self._keep_context_on_failure():
+            self._format = None
+            self._n_prefix = n_prefix
+            return self._compress(tokens, [], m, merge, ratio=ratio, budget=budget, shared=shared, params=params)
+
+    def _compress(self, tokens: list[int], q: list[int], m: Method, merge, *, ratio, budget, shared,
+                  params) -> Stats:
+        """Prefill context `tokens` (+ question `q`, query-aware) and compress."""
+        n_ctx_tokens = len(tokens)
+        question = bool(q)
+        tokens = tokens + q
+        self._tokens = []
+        self._check_room(len(tokens) + 1)
+        m = _widen_to_question(m, len(q))
+        # Query-aware: the last token is decoded after compression, so the
+        # first answer token comes from the compressed cache.
+        body = tokens if not question else tokens[:-1]
+        keep = resolve_budget(len(body), ratio, budget)  # bad arguments fail before the cache is wiped
+        label = _label(m, merge, shared)
+        if keep >= len(body) and not question:  # nothing to evict: keep the context whole, say so
+            st = self._prefill_whole(tokens)
+            self._settings = dict(method="full", requested=label, ratio=ratio, budget=budget, shared=shared,
+                                  params=_jsonable(params))
+            st.note = f"context of {len(body)} tokens fits the budget of {keep}: kept whole, not compressed"
+            return st
+        positions, whole = capture_positions(len(body), m, merge)
+        t0 = time.perf_counter()
+        self._prefill(body, positions, whole)
+        t1 = time.perf_counter()
+        # the re-read pass reuses the capture: keep GRKV's window queries from the prefill first
+        grkv = merge is not None and merge.name == "grkv"
+        captured = captured_queries(self.capture, self.info) if _needs_reread(m, merge) and grkv else None
+        rr = self._reread(m, merge, body, self._n_prefix)
+        try:
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  capture=self.capture, n_threads=self.n_threads, reread=rr, n_prefix=self._n_prefix,
                                  captured=captured)
-            self._live = res.cells_after
-            t2 = time.perf_counter()
-            if question is not None:
-                self._eval(tokens[-1:])
+        except CompressionError as e:
+            # A ratio of a short context falls below what the method always keeps (its
+            # sinks and window): the cache is as the prefill left it, so keep it whole.
+            if ratio is None or question or "must keep" not in str(e):
+                raise
+            st = self._full_stats(body, t1 - t0)
+            self._settings = dict(method="full", requested=label, ratio=ratio, shared=shared,
+                                  params=_jsonable(params))
+            st.note = f"context of {len(body)} tokens is too short to compress with {label} ({e}): kept whole"
+            return st
+        self._live = res.cells_after
+        t2 = time.perf_counter()
+        if question:
+            self._eval(tokens[-1:])
         self._context_len = self.llm.n_tokens
-        self._cells = res.cells_after + (1 if question is not None else 0)
-        label = _label(m, merge, shared)
+        self._cells = res.cells_after + (1 if question else 0)
+        self._tokens = list(tokens)
+        self._settings = dict(method=label, ratio=ratio, budget=budget, shared=shared, params=_jsonable(params))
         self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
                            apply_backend=res.merge_report.get("apply", {}).get("backend", ""),
                            question_tokens=len(tokens) - n_ctx_tokens,
@@ -390,6 +447,8 @@ class CompressedLlama:
         self.llm.n_tokens = self._context_len = st.cached_tokens
         self._cells = self._live = st.cells
         self._format = st.fmt
+        self._tokens = list(st.tokens) if not st.question_tokens else []
+        self._settings = dict(method="full")
         self._decode_since = 0
         self._gkv_hist = None
         self.decode_trace = []
@@ -481,16 +540,27 @@ class CompressedLlama:
 
     def prefill(self, context: str) -> Stats:
         """Prefill `context` with the full cache (no compression), for comparison."""
-        tokens = self._tokens_for(context)
-        self._check_room(len(tokens) + 1)
+        with self._keep_context_on_failure():
+            tokens = self._tokens_for(context)
+            self._check_room(len(tokens) + 1)
+            st = self._prefill_whole(tokens)
+        self._settings = dict(method="full")
+        return st
+
+    def _prefill_whole(self, tokens: list[int]) -> Stats:
         t0 = time.perf_counter()
         self._prefill(tokens)
+        return self._full_stats(tokens, time.perf_counter() - t0)
+
+    def _full_stats(self, tokens: list[int], prefill_s: float) -> Stats:
+        """Bookkeeping and Stats of a context whose whole cache is kept."""
         state = kvstate.parse(kvstate.get_blob(self.ctx))
         cells, nbytes = state.part_info(0)["n_cells"], kvstate.kv_bytes(state)
         self._context_len = self.llm.n_tokens
         self._cells = cells
+        self._tokens = list(tokens)
         self.stats = Stats(method="full", context_tokens=len(tokens), kv_cells_before=cells, kv_cells_after=cells,
-                           kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=time.perf_counter() - t0)
+                           kv_bytes_before=nbytes, kv_bytes_after=nbytes, prefill_s=prefill_s)
         self._memory_stats(kvstate.bytes_per_cell(state), simulate(len(tokens)))
         return self.stats
 
@@ -518,6 +588,7 @@ class CompressedLlama:
         out = b""
         emitted = 0
         n = 0
+        self.finish_reason = "length"
         policy = self._decode
         if policy:  # queries of every generated token are kept until the next compression
             self.capture.set_targets([QUERIES])
@@ -526,6 +597,7 @@ class CompressedLlama:
                 tok = self._next_token(temperature, top_p)
                 if not ignore_eos and L.llama_vocab_is_eog(self.vocab, tok):
                     n -= 1
+                    self.finish_reason = "stop"
                     break
                 out += self.llm.detokenize([tok])
                 text = out.decode("utf-8", errors="ignore")
@@ -535,6 +607,7 @@ class CompressedLlama:
                     if cut > emitted:
                         yield text[emitted:cut]
                     emitted = cut
+                    self.finish_reason = "stop"
                     break
                 if len(text) > emitted:  # a character split across tokens shows once complete
                     yield text[emitted:]
@@ -590,12 +663,17 @@ class CompressedLlama:
         self._maybe_compress_decode(policy)
 
     def ask(self, question: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-            stop: Sequence[str] = (), answer_prefix: str = "", stream: bool = False, ignore_eos: bool = False):
+            stop: Sequence[str] | None = None, answer_prefix: str = "", stream: bool = False,
+            ignore_eos: bool = False):
         """Answer `question` against the compressed context; the answer's KV is
         removed afterwards so the next question sees the same context.
-        `answer_prefix` starts the answer (e.g. "The pass key is")."""
+        `answer_prefix` starts the answer (e.g. "The pass key is"). `stop`:
+        strings that end the answer (default: the prompt format's, so a
+        plain-text answer ends before a next "Question:")."""
         if self._context_len == 0:
             raise GrkvError("call compress() or prefill() with a context first")
+        if stop is None:
+            stop = self._format.stop if self._format is not None else ()
         q = self._question_tokens(question, answer_prefix)
         if self._decode is None:
             self._check_room(self._cells + len(q) + max_tokens)
@@ -631,6 +709,100 @@ class CompressedLlama:
         """Compress with the question inside the observation window, then answer it."""
         self.compress(context, question=question, answer_prefix=answer_prefix, **compress_kw)
         return "".join(self.generate(max_tokens, temperature=temperature, stop=stop)).strip()
+
+    # ------------------------------------------------------------ persistence
+    @property
+    def identity(self) -> dict:
+        """What a saved context must match to load here (persist.COMPATIBLE)."""
+        if self._identity is None:
+            self._identity = dict(model_sha256=persist.model_identity(self.model_path),
+                                  llama_cpp=persist.LLAMA_CPP_COMMIT, type_k=self.cache_types[0],
+                                  type_v=self.cache_types[1], flash_attn=self.flash_attn)
+        return self._identity
+
+    def snapshot(self) -> persist.SavedContext:
+        """The current context (compressed or full) as a SavedContext."""
+        if self._context_len == 0 or not self._tokens:
+            raise GrkvError("no context to save: call compress() or prefill() first")
+        if self._live != self._cells:
+            raise GrkvError("the cache holds tokens past the context (a generation in progress); "
+                            "save between questions")
+        import llama_cpp
+
+        blob = kvstate.get_blob(self.ctx)
+        fmt = self._format
+        header = dict(self.identity, format=persist.FORMAT_VERSION, llama_cpp_python=llama_cpp.__version__,
+                      arch=self.info.arch, model=self.model_path.name, swa_full=self.swa_full,
+                      context_tokens=len(self._tokens), next_pos=self._context_len, cells=self._cells,
+                      n_prefix=self._n_prefix, compression=self._settings,
+                      question_template=fmt.question_template if fmt is not None else None,
+                      stop=list(fmt.stop) if fmt is not None else [],
+                      kv_bytes=self.stats.kv_bytes_after, full_kv_bytes=self.stats.kv_bytes_before,
+                      prefill_s=self.stats.prefill_s, compress_s=self.stats.compress_s)
+        return persist.SavedContext(header, np.asarray(self._tokens, np.uint32), blob)
+
+    def restore_context(self, saved: persist.SavedContext) -> Stats:
+        """Put a SavedContext back as the current context (ask() works again
+        if it was made from text). A context from another model, build or
+        cache layout is refused before the cache is touched; if llama.cpp
+        rejects the blob, the previous context stays."""
+        persist.check(saved.header, self.identity)
+        h = saved.header
+        try:
+            cells, next_pos, n_tok = int(h["cells"]), int(h["next_pos"]), int(h["context_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise persist.ContextFileError("context file header lacks cells/next_pos/context_tokens") from None
+        if n_tok != len(saved.tokens) or not 0 < cells <= next_pos:
+            raise persist.ContextFileError("context file header disagrees with its token list")
+        self._check_room(cells + 1)
+        with self._keep_context_on_failure():
+            self._reset()
+            if not kvstate.set_blob(self.ctx, saved.blob):
+                raise persist.ContextFileError("llama.cpp rejected the saved cache (another n_ctx, cache layout "
+                                               "or build?)")
+            have = kvstate.parse(kvstate.get_blob(self.ctx)).part_info(0)["n_cells"]
+            if have != cells:
+                raise persist.ContextFileError(f"the restored cache holds {have} cells, the header says {cells}")
+            self.llm.n_tokens = self._context_len = next_pos
+            self._cells = self._live = cells
+            self._tokens = [int(t) for t in saved.tokens]
+            self._n_prefix = int(h.get("n_prefix", 0))
+            qt = h.get("question_template")
+            stop = tuple(x for x in h.get("stop") or () if isinstance(x, str))
+            self._format = PromptFormat("", qt, stop) if isinstance(qt, str) else None
+            self._settings = dict(h.get("compression") or {})
+        self.stats = Stats(method=str(self._settings.get("method", "?")), context_tokens=n_tok,
+                           kv_cells_before=n_tok, kv_cells_after=cells,
+                           kv_bytes_before=int(h.get("full_kv_bytes", 0)), kv_bytes_after=int(h.get("kv_bytes", 0)))
+        return self.stats
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the current context to `path` (persist's format); returns its size in bytes."""
+        data = self.snapshot().to_bytes()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return len(data)
+
+    def load(self, path: str | os.PathLike) -> Stats:
+        """Load a context saved by `save` (same model, build and cache types)."""
+        return self.restore_context(persist.read(path))
+
+    def begin(self, tokens: Sequence[int]):
+        """A fresh sequence of raw tokens with the full cache and no saved
+        context (a prompt too short to compress); continue with generate()."""
+        self._check_room(len(tokens) + 1)
+        self._reset()
+        self._context_len = self._cells = 0
+        self._tokens, self._format, self._settings = [], None, {}
+        self._eval(list(tokens))
+
+    def feed(self, tokens: Sequence[int]):
+        """Evaluate tokens after the current sequence (a prompt's tail before
+        `generate()`)."""
+        self._check_room(self._live + len(tokens) + 1)
+        self._eval(list(tokens))
 
     def close(self):
         with contextlib.suppress(Exception):
