@@ -253,6 +253,64 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
 
 
 
+@main.command()
+@click.option("--model", "-m", "model", default="smollm2", show_default=True,
+              help="GGUF path, or smollm2 / gemma3.")
+@click.option("--alias", default="", help="Model id reported by /v1/models (default: the file's stem).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--ctx-size", "-c", "n_ctx", type=int, default=4096, show_default=True, help="Context cells.")
+@_gpu_layers_option
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--cache-type-k", "-ctk", "type_k", default="f16", show_default=True)
+@click.option("--cache-type-v", "-ctv", "type_v", default="f16", show_default=True)
+@click.option("--flash-attn", "-fa", is_flag=True)
+@click.option("--method", default="compactor", show_default=True, callback=_check_method,
+              help=METHODS_HELP + " Per request: the body field grkv.method.")
+@click.option("--kv-ratio", type=float, default=None, help="Kept fraction of each document (default 0.5).")
+@click.option("--kv-budget", type=int, default=None, help="Kept tokens of each document.")
+@click.option("--min-compress", type=int, default=256, show_default=True,
+              help="Documents shorter than this many tokens are kept whole.")
+@click.option("--cache-mib", type=int, default=1024, show_default=True,
+              help="In-memory LRU of compressed documents, in MiB.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Spill documents evicted from memory to context files here.")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests waiting behind the running one; more are answered 503 with Retry-After.")
+@click.option("--decode-budget", type=int, default=None, help="Bound long generations to this many cells (G-KV).")
+@click.option("--decode-every", type=int, default=128, show_default=True)
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log and uvicorn's access log.")
+def serve(model, alias, host, port, n_ctx, n_gpu_layers, threads, type_k, type_v, flash_attn, method, kv_ratio,
+          kv_budget, min_compress, cache_mib, cache_dir, max_queue, decode_budget, decode_every, verbose):
+    """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models) that compresses each
+    prompt's document once and reuses it for every prompt that starts with it."""
+    require_extra("server", ("fastapi", "uvicorn"))
+    import math
+
+    import uvicorn
+
+    from .models import resolve_model
+    from .server import ServerSettings, create_app
+
+    if kv_ratio is not None and kv_budget is not None:
+        raise click.UsageError("give one of --kv-ratio or --kv-budget, not both")
+    if kv_ratio is not None and not (math.isfinite(kv_ratio) and 0 < kv_ratio <= 1):
+        raise click.BadParameter("must lie in (0, 1]", param_hint="--kv-ratio")
+    if kv_budget is not None and kv_budget < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--kv-budget")
+    if kv_ratio is None and kv_budget is None:
+        kv_ratio = 0.5
+    settings = ServerSettings(model=str(resolve_model(model)), alias=alias, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                              n_threads=threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn, method=method,
+                              kv_ratio=kv_ratio, kv_budget=kv_budget, min_compress=min_compress,
+                              cache_bytes=cache_mib << 20, cache_dir=cache_dir, max_queue=max_queue,
+                              decode_budget=decode_budget, decode_every=decode_every)
+    app = create_app(settings)
+    click.echo(f"grkv-cpp serving {settings.model} on http://{host}:{port}/v1 ({method}, "
+               f"{f'{kv_ratio:.0%} kept' if kv_ratio else f'{kv_budget} tokens kept'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+
+
 def _floats(ctx, param, value):
     try:
         return [float(x) for x in value.split(",") if x]

@@ -101,8 +101,13 @@ def test_cli_ask_json(tiny_gguf, tmp_path):
     assert [x["question"] for x in out["results"]] == ["abc", "def"]
     assert out["results"][0]["stats"]["kv_cells_after"] == 64
     r = CliRunner().invoke(main, ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc",
-                                  "--method", "snapkv"])
-    assert r.exit_code != 0 and "exactly one of --kv-ratio or --kv-budget" in r.output
+                                  "--method", "snapkv", "--json", "--max-tokens", "2"])  # default: half kept
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output[r.output.index("{"):])["results"][0]["stats"]
+    assert st["kv_cells_after"] == round(0.5 * st["context_tokens"])
+    r = CliRunner().invoke(main, ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc",
+                                  "--kv-ratio", "0.5", "--kv-budget", "8"])
+    assert r.exit_code != 0 and "not both" in r.output
     # our errors end the command with a message, not a traceback
     base = ["ask", "--model", str(tiny_gguf), "--context-file", str(f), "--question", "abc"]
     for extra, message in [(["--method", "knorm", "--kv-ratio", "0.5", "--n-ctx", "64"], "do not fit"),
