@@ -145,3 +145,25 @@ def test_cancelled_stream_frees_the_model(server, client):
         time.sleep(0.05)
     assert engine._pending == 0 and not engine._lock.locked()
     assert client.completions.create(model="x", prompt="abc", max_tokens=1).usage.completion_tokens <= 1
+
+
+@pytest.mark.slow
+def test_smollm2_chat_reuses_the_document_and_finds_the_facts(smollm2_gguf):
+    from grkv_cpp.texts import demo_context
+
+    context, needles = demo_context()
+    settings = ServerSettings(model=str(smollm2_gguf), n_ctx=2048, method="compactor", kv_ratio=0.5)
+    srv, url = _serve(create_app(settings))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        found, cached = 0, []
+        for nd in needles:
+            r = client.chat.completions.create(model="m", max_tokens=16,
+                                               messages=[{"role": "user", "content": f"{context}\n\n{nd.question}"}])
+            found += nd.answer in r.choices[0].message.content
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+            assert r.choices[0].finish_reason in ("stop", "length")
+        assert cached[0] == 0 and all(c > 0 for c in cached[1:])  # compressed once, reused after
+        assert found >= 2
+    finally:
+        srv.should_exit = True
