@@ -778,12 +778,8 @@ class CompressedLlama:
 
     def save(self, path: str | os.PathLike) -> int:
         """Write the current context to `path` (persist's format); returns its size in bytes."""
-        data = self.snapshot().to_bytes()
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return len(data)
+        self.snapshot().write(path)
+        return Path(path).stat().st_size
 
     def load(self, path: str | os.PathLike) -> Stats:
         """Load a context saved by `save` (same model, build and cache types)."""

@@ -67,8 +67,11 @@ class SavedContext:
         """Write atomically: a crash leaves the old file or none, never half of one."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(self.to_bytes())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def from_bytes(data: bytes) -> SavedContext:
