@@ -10,10 +10,11 @@ use_patched_library()
 import llama_cpp  # noqa: E402,F401
 
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError, UnsupportedModelError
+from .dropin import compress_llama
 from .llm import CompressedLlama
 from .methods import KNorm, SnapKV, StreamingLLM, parse_method
 from .stats import Stats
 
-__all__ = ["CompressedLlama", "Stats", "SnapKV", "KNorm", "StreamingLLM", "parse_method", "GrkvError",
+__all__ = ["CompressedLlama", "compress_llama", "Stats", "SnapKV", "KNorm", "StreamingLLM", "parse_method", "GrkvError",
            "BadRequestError", "CompressionError", "UnsupportedModelError", "NativeError"]
 __version__ = "0.1.0"
