@@ -157,6 +157,8 @@ class CompressedLlama:
         return self.llm.tokenize(text.encode(), add_bos=bos, special=True)
 
     def _tokens_for(self, context: str) -> list[int]:
+        if not isinstance(context, str) or not context.strip():
+            raise BadRequestError("the context is empty (or whitespace only): nothing to compress")
         bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
         self._format = build_format(context, self.info.chat_template, bos=bos, eos=eos)
