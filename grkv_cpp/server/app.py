@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -38,7 +39,11 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                 job.cancel.set()
                 await run_in_threadpool(job.release)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        body = events()
+        # a client gone before the first chunk never starts the generator, so its
+        # finally never runs: release the model when the generator is dropped
+        weakref.finalize(body, job.release)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     def _run(job: Job) -> str:
         return "".join(job.pieces())
