@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import openai
-import uvicorn
 
 from grkv_cpp.models import resolve_model
 from grkv_cpp.server import ServerSettings, create_app
+from grkv_cpp.server.background import serve_in_thread
 from grkv_cpp.texts import demo_context
-
-
-def _serve(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, f"http://127.0.0.1:{port}/v1"
 
 
 def ttft(client, messages, max_tokens=16):
@@ -59,7 +46,8 @@ def main(argv=None):
     context, needles = demo_context()
     settings = ServerSettings(model=str(resolve_model(a.model)), n_ctx=2048, method=a.method, kv_ratio=a.kv_ratio)
     app = create_app(settings)
-    srv, url = _serve(app)
+    srv, url = serve_in_thread(app)
+    url += "/v1"
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
     rows = []
     for r in range(a.repeats):

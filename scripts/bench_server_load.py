@@ -11,28 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import threading
 import time
 from pathlib import Path
 
 import openai
-import uvicorn
 
 from grkv_cpp.models import resolve_model
 from grkv_cpp.server import ServerSettings, create_app
+from grkv_cpp.server.background import serve_in_thread
 from grkv_cpp.texts import demo_context
-
-
-def _serve(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, f"http://127.0.0.1:{port}/v1"
 
 
 def main(argv=None):
@@ -51,7 +39,8 @@ def main(argv=None):
     prompts = [f"{d}\n\n{nd.question}" for d in docs for nd in needles]
     app = create_app(ServerSettings(model=str(resolve_model(a.model)), n_ctx=a.n_ctx, method=a.method, kv_ratio=0.5,
                                     max_queue=a.max_queue))
-    srv, url = _serve(app)
+    srv, url = serve_in_thread(app)
+    url += "/v1"
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
 
     def ask(p):

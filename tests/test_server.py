@@ -1,7 +1,6 @@
 """`grkv-cpp serve` through the official openai client on localhost: completions,
 chat, streaming, document reuse (cached_tokens), bad input, a full queue."""
 
-import socket
 import threading
 import time
 
@@ -13,24 +12,11 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from grkv_cpp import CompressedLlama  # noqa: E402
-from grkv_cpp.server import ServerSettings, create_app  # noqa: E402
+from grkv_cpp.server import ServerSettings, create_app
+from grkv_cpp.server.background import serve_in_thread  # noqa: E402
 from grkv_cpp.server.engine import Engine  # noqa: E402
 
 DOC = "abc def ghi jkl mno " * 40
-
-
-def _serve(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +24,7 @@ def server(tiny_gguf):
     settings = ServerSettings(model=str(tiny_gguf), n_ctx=1024, method="snapkv", kv_ratio=0.5, min_compress=64,
                               max_queue=1)
     engine = Engine(settings, model=CompressedLlama(tiny_gguf, n_ctx=1024))
-    srv, url = _serve(create_app(settings, engine))
+    srv, url = serve_in_thread(create_app(settings, engine))
     yield engine, url
     srv.should_exit = True
 
@@ -153,7 +139,7 @@ def test_smollm2_chat_reuses_the_document_and_finds_the_facts(smollm2_gguf):
 
     context, needles = demo_context()
     settings = ServerSettings(model=str(smollm2_gguf), n_ctx=2048, method="compactor", kv_ratio=0.5)
-    srv, url = _serve(create_app(settings))
+    srv, url = serve_in_thread(create_app(settings))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         found, cached = 0, []
