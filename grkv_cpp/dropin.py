@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import llama_cpp.llama_cpp as L
-
 from . import kvstate
 from .apply import patched_library
 from .capture import QUERIES, GraphCapture
@@ -108,8 +106,4 @@ def compress_llama(llm, *, method: str = "knorm", ratio: float | None = 0.5, bud
 
 def cells(llm) -> int:
     """Cells the Llama's sequence occupies now (the compressed part included)."""
-    mem = L.llama_get_memory(llm._ctx.ctx)
-    lo, hi = L.llama_memory_seq_pos_min(mem, 0), L.llama_memory_seq_pos_max(mem, 0)
-    if hi < 0:
-        return 0
-    return kvstate.parse(kvstate.get_blob(llm._ctx.ctx)).part_info(0)["n_cells"] if lo >= 0 else 0
+    return kvstate.parse(kvstate.get_blob(llm._ctx.ctx)).part_info(0)["n_cells"]

@@ -38,7 +38,7 @@ def test_completion_runs_on_the_compressed_cache_as_compress_tokens_does(llm, ti
 
 def test_a_prompt_diverging_inside_the_compressed_region_is_prefilled_again(llm):
     st = compress_llama(llm, method="knorm", ratio=0.5, min_tokens=64)
-    a1 = llm.create_completion(DOC + "\n\nQuestion: abc\nAnswer:", max_tokens=4, temperature=0.0)
+    llm.create_completion(DOC + "\n\nQuestion: abc\nAnswer:", max_tokens=4, temperature=0.0)
     assert st.compressions == 1 and st.refills == 0
     a2 = llm.create_completion(DOC + "\n\nQuestion: xyz\nAnswer:", max_tokens=4, temperature=0.0)
     assert st.refills == 1 and st.compressions == 2  # never answered from the remnant
@@ -46,7 +46,6 @@ def test_a_prompt_diverging_inside_the_compressed_region_is_prefilled_again(llm)
     compress_llama(fresh, method="knorm", ratio=0.5, min_tokens=64)
     b2 = fresh.create_completion(DOC + "\n\nQuestion: xyz\nAnswer:", max_tokens=4, temperature=0.0)
     assert a2["choices"][0]["text"] == b2["choices"][0]["text"]
-    assert a1["choices"][0]["text"] is not None
 
 
 def test_extending_the_compressed_prompt_reuses_it(llm):
