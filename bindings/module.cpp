@@ -193,19 +193,20 @@ PYBIND11_MODULE(_native, m) {
         .def("scores",
              [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
                 int n_head_kv, float scale, const py::list & queries, int n_threads, py::object ctx, py::object rope,
-                py::object chunks) {
+                py::object chunks, float softcap) {
                  auto q = to_queries(queries);
                  MethodParams mp = method_params(method, kernel, n_sink);
                  set_context(mp, ctx, rope, chunks);
                  py::gil_scoped_release nogil;
                  StreamView v(active(s, part));
-                 auto sc = score_layers(v, mp, ModelShape{n_head, n_head_kv, scale}, q, n_threads);
+                 auto sc = score_layers(v, mp, ModelShape{n_head, n_head_kv, scale, softcap}, q, n_threads);
                  py::gil_scoped_acquire gil;
                  return scores_to_numpy(sc);
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
              py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1,
-             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none())
+             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
+             py::arg("softcap") = 0.0f)
         .def("compress",
              [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
@@ -213,7 +214,7 @@ PYBIND11_MODULE(_native, m) {
                 float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
                 float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
                 py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
-                float headwise_alpha, py::object key_pos) {
+                float headwise_alpha, py::object key_pos, float softcap) {
                  CompressRequest req;
                  req.headwise = headwise;
                  req.headwise_alpha = headwise_alpha;
@@ -227,7 +228,7 @@ PYBIND11_MODULE(_native, m) {
                          req.history.emplace_back(h.data() + l * per, h.data() + (l + 1) * per);
                      }
                  }
-                 req.shape = ModelShape{n_head, n_head_kv, scale};
+                 req.shape = ModelShape{n_head, n_head_kv, scale, softcap};
                  req.queries = to_queries(queries);
                  if (!key_pos.is_none()) {  // [L][n_head_kv][n_cells]: compactor's true key positions
                      auto kp = key_pos.cast<carray<int32_t>>();
@@ -290,7 +291,8 @@ PYBIND11_MODULE(_native, m) {
              py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
              py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
              py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
-             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f, py::arg("key_pos") = py::none())
+             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f, py::arg("key_pos") = py::none(),
+             py::arg("softcap") = 0.0f)
         ;
 
     py::class_<ContextParams>(m, "ContextParams")
@@ -306,8 +308,12 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("ridge", &ContextParams::ridge)
         .def_readwrite("chunk_scale", &ContextParams::chunk_scale);
     py::class_<RopeParams>(m, "RopeParams")
-        .def(py::init([](int n_rot, float base, float scale, bool neox) { return RopeParams{n_rot, base, scale, neox}; }),
-             py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale") = 1.0f, py::arg("neox") = false)
+        .def(py::init([](int n_rot, float base, float scale, bool neox, std::vector<float> ff) {
+                 return RopeParams{n_rot, base, scale, neox, std::move(ff)};
+             }),
+             py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale") = 1.0f, py::arg("neox") = false,
+             py::arg("freq_factors") = std::vector<float>{})
+        .def_readwrite("freq_factors", &RopeParams::freq_factors)
         .def_readwrite("n_rot", &RopeParams::n_rot)
         .def_readwrite("freq_base", &RopeParams::freq_base)
         .def_readwrite("freq_scale", &RopeParams::freq_scale)
@@ -319,7 +325,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("score_context_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos,
              int n_head, float scale, const ContextParams & p, const RopeParams & rope, py::object v, py::object rk,
-             py::object qchunk, py::object chunks, py::object hist, py::object kpos, bool carry) {
+             py::object qchunk, py::object chunks, py::object hist, py::object kpos, bool carry, float softcap) {
               if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
               LayerInput in;
               in.k = k.data();
@@ -332,6 +338,7 @@ PYBIND11_MODULE(_native, m) {
               in.w = (int) q.shape(0);
               in.n_head = n_head;
               in.scale = scale;
+              in.softcap = softcap;
               in.rope = rope;
               carray<float> va, rka;
               carray<int32_t> qc;
@@ -375,13 +382,13 @@ PYBIND11_MODULE(_native, m) {
           py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q"), py::arg("qpos"), py::arg("n_head"),
           py::arg("scale"), py::arg("params"), py::arg("rope"), py::arg("v") = py::none(), py::arg("rk") = py::none(),
           py::arg("qchunk") = py::none(), py::arg("chunks") = py::none(), py::arg("hist") = py::none(),
-          py::arg("kpos") = py::none(), py::arg("carry") = false);
+          py::arg("kpos") = py::none(), py::arg("carry") = false, py::arg("softcap") = 0.0f);
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
     m.def("score_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos,
              int n_head, float scale, int kernel, int n_sink, py::object hist, float alpha, float mix_lambda,
-             float sim_threshold) {
+             float sim_threshold, float softcap) {
               if (k.ndim() != 3) throw Error("k must be [T, n_head_kv, head_dim]");
               LayerInput in;
               in.k = k.data();
@@ -391,6 +398,7 @@ PYBIND11_MODULE(_native, m) {
               in.head_dim = (int) k.shape(2);
               in.n_head = n_head;
               in.scale = scale;
+              in.softcap = softcap;
               carray<float> qa;
               carray<int32_t> qp;
               if (!q.is_none()) {
@@ -423,7 +431,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q") = py::none(), py::arg("qpos") = py::none(),
           py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("kernel") = 5, py::arg("n_sink") = 4,
           py::arg("hist") = py::none(), py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
-          py::arg("sim_threshold") = 0.5f);
+          py::arg("sim_threshold") = 0.5f, py::arg("softcap") = 0.0f);
     m.def("select_per_head",
           [](carray<float> s, carray<uint8_t> prot, int budget) {
               Scores sc;
@@ -464,12 +472,13 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<GrkvProblem>(m, "GrkvProblem")
         .def(py::init([](carray<float> q, carray<float> w, carray<uint8_t> vis, carray<float> ostar, carray<float> k0,
-                         carray<float> v0, carray<uint8_t> mut, float scale) {
+                         carray<float> v0, carray<uint8_t> mut, float scale, float softcap) {
                  GrkvProblem p;
                  p.R = (int) q.shape(0);
                  p.d = (int) q.shape(1);
                  p.B = (int) k0.shape(0);
                  p.scale = scale;
+                 p.softcap = softcap;
                  if (w.size() != p.R || vis.size() != (py::ssize_t) p.R * p.B || ostar.size() != (py::ssize_t) p.R * p.d ||
                      k0.size() != (py::ssize_t) p.B * p.d || v0.size() != k0.size() || mut.size() != p.B) {
                      throw Error("GrkvProblem: inconsistent shapes");
@@ -484,7 +493,7 @@ PYBIND11_MODULE(_native, m) {
                  return p;
              }),
              py::arg("q"), py::arg("w"), py::arg("vis"), py::arg("ostar"), py::arg("k0"), py::arg("v0"), py::arg("mut"),
-             py::arg("scale"));
+             py::arg("scale"), py::arg("softcap") = 0.0f);
     auto bd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.B, p.d}; };
     auto rd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.R, p.d}; };
     m.def("grkv_student", [](const GrkvProblem & p, carray<float> K, carray<float> V) {
@@ -499,14 +508,14 @@ PYBIND11_MODULE(_native, m) {
         return to_numpy(grkv_value_step(p, K.data(), lam), bd(p));
     });
     m.def("grkv_jvp", [rd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> D) {
-        std::vector<float> A, O;
-        grkv_student(p, K.data(), V.data(), A, O);
-        return to_numpy(grkv_jvp(p, A, O, V.data(), D.data()), rd(p));
+        std::vector<float> A, O, dA;
+        grkv_student(p, K.data(), V.data(), A, O, &dA);
+        return to_numpy(grkv_jvp(p, dA, O, V.data(), D.data()), rd(p));
     });
     m.def("grkv_vjp", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> U) {
-        std::vector<float> A, O;
-        grkv_student(p, K.data(), V.data(), A, O);
-        return to_numpy(grkv_vjp(p, A, O, V.data(), U.data()), bd(p));
+        std::vector<float> A, O, dA;
+        grkv_student(p, K.data(), V.data(), A, O, &dA);
+        return to_numpy(grkv_vjp(p, dA, O, V.data(), U.data()), bd(p));
     });
     m.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol) {
         GrkvParams prm;
@@ -552,12 +561,11 @@ PYBIND11_MODULE(_native, m) {
         else throw Error("unknown merge " + name);
         return py::make_tuple(to_numpy(std::move(ok), {h.B, h.d}), to_numpy(std::move(ov), {h.B, h.d}));
     });
-    m.def("rope_rotate", [](carray<float> x, int n_rot, float base, float scale, bool neox, carray<double> delta) {
+    m.def("rope_rotate", [](carray<float> x, const RopeParams & p, carray<double> delta) {
         std::vector<float> out(x.data(), x.data() + x.size());
         const int d = (int) x.shape(x.ndim() - 1);
         const size_t n = out.size() / d;
         if ((size_t) delta.size() != n) throw Error("one delta per vector");
-        RopeParams p{n_rot, base, scale, neox};
         for (size_t i = 0; i < n; ++i) rope_rotate(out.data() + i * d, p, delta.data()[i]);
         std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
         return to_numpy(std::move(out), shape);

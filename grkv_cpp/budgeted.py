@@ -4,6 +4,8 @@ in a cache of budget + chunk cells (CompressedLlama.compress_budgeted)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import time
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from . import kvstate
 from .capture import QUERIES
-from .compressor import captured_queries, compress_cache, observation_window
+from .compressor import captured_queries, check_method_supported, compress_cache, observation_window
 from .errors import BadRequestError, CompressionError, GrkvError, NativeError
 from .footprint import simulate
 from .methods import parse_method
@@ -45,6 +47,7 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
         question: str | None = None, prefixes: dict | None = None, **params) -> Stats:
     """CompressedLlama.compress_budgeted (see there)."""
     m, merge = parse_method(method, **params)
+    check_method_supported(model.info, m)
     _require_window_queries(merge, "budgeted prefill")
     # Compactor's tile attention depends on its own tile only, so each
     # chunk's queries score the chunk once and its score travels with the
@@ -59,8 +62,9 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
                               "budgets")
     if budget < 1 or chunk < 1:
         raise BadRequestError("budget and chunk must be >= 1 token")
-    with model._keep_context_on_failure():
+    with model._keep_context_on_failure(), contextlib.ExitStack() as progress:
         tokens = model._tokens_for(context)
+        progress.enter_context(model.progress.phase("prefill", len(tokens)))
         # room for the budget, a chunk, and the question and answer that follow (1 at least)
         model._check_room(budget + chunk + 1)
         q_tokens = model._question_tokens(question) if question is not None else None
@@ -110,6 +114,7 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
             model.llm.n_tokens = model._live = p.n_tokens
             model.budget_trace = [min((j + 1) * chunk, len(tokens)) for j in range(p.n_chunks - 1)]
             t["prefill"], i0 = p.prefill_s, p.n_chunks
+            model.progress.advance(p.n_tokens)  # the resumed prefix counts as evaluated
             tile["pending"] = [p.captured] if carry else []
             after_chunk(p.captured)  # compresses when the prefix stopped right before the first compression
         for i in range(i0, len(starts)):
@@ -123,7 +128,7 @@ def run(model, context: str, *, budget: int, chunk: int = 512, method="snapkv", 
                 end = model.llm.n_tokens
                 model.capture.set_targets([(*QUERIES, list(range(end, end + len(q_tokens))))])
                 with model.capture.enabled():
-                    model._eval(q_tokens)
+                    model._eval(q_tokens, count=False)
                 captured = captured_queries(model.capture, model.info)
                 kvstate.remove_from(model.ctx, end)  # the question's cells go; its queries stay
                 model.llm.n_tokens = end

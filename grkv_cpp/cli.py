@@ -35,17 +35,23 @@ _gpu_layers_option = click.option(
     help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 
 
-def _model(path_or_name: str, **kw):
+def _model(path_or_name: str, *, progress: bool = False, **kw):
+    """The model; `progress`: a bar on stderr for long prefills and
+    compressions (only on a terminal)."""
     from .llm import CompressedLlama
     from .loader import quiet
     from .models import resolve_model
+    from .progress import terminal_bar
 
     path = resolve_model(path_or_name)
     verbose = kw.pop("verbose", False)
     if verbose:
-        return CompressedLlama(path, verbose=True, **kw)
-    with quiet():
-        return CompressedLlama(path, **kw)
+        m = CompressedLlama(path, verbose=True, **kw)
+    else:
+        with quiet():
+            m = CompressedLlama(path, **kw)
+    m.progress.callback = terminal_bar(progress)
+    return m
 
 
 def require_extra(extra: str, modules: tuple[str, ...]):
@@ -96,7 +102,7 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
     from .texts import demo_context
 
     context, needles = demo_context()
-    m = _model(model, n_ctx=2048, n_threads=threads, n_gpu_layers=n_gpu_layers)
+    m = _model(model, n_ctx=2048, n_threads=threads, n_gpu_layers=n_gpu_layers, progress=True)
     from .apply import backend
 
     click.echo(f"model: {model} ({m.info.arch}, {m.info.n_layer} layers, {m.info.n_head_kv} KV heads); "
@@ -203,7 +209,7 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
         n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
         kw["swa_full"] = False  # an iSWA model's window cache sized for the window, not n_ctx
     m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, n_gpu_layers=n_gpu_layers,
-               verbose=verbose, **kw)
+               verbose=verbose, progress=not as_json, **kw)
     evict, _, merge = method.partition("+")
     params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink},
               "laser": {"window_size": window, "protect_divisor": protect_divisor}}.get(evict, {})
@@ -463,6 +469,31 @@ def _longest(rows, path) -> int:
 
     tok = ruler.gguf_tokenizer(path)
     return max(len(tok(r["context"] + r["question"])) for r in rows) + 64
+
+
+@main.command()
+@click.option("--verbose", "-v", is_flag=True, help="Also print what was verified and the test that shows it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def models(verbose, as_json):
+    """The llama.cpp architectures grkv-cpp compresses, and those it refuses with the reason."""
+    import textwrap
+
+    from .architectures import support_table
+
+    rows = support_table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'arch':10s} {'status':10s} families / reason")
+    for r in rows:
+        text = r["families"] if r["status"] == "supported" else r["notes"]
+        click.echo(f"{r['arch']:10s} {r['status']:10s} {text}")
+        if verbose and r["status"] == "supported":
+            for label in ("notes", "verified", "test"):
+                click.echo(textwrap.fill(f"{label}: {r[label]}", 100, initial_indent=" " * 22,
+                                         subsequent_indent=" " * 24))
+    if not verbose:
+        click.echo("\n(-v: what was verified for each, and the tests that show it)")
 
 
 @main.command()

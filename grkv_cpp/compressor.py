@@ -101,8 +101,8 @@ def _surrogates(layers, info: ModelInfo, merge, window_start: int, last_pos: int
         if len(ps) != len(strata):  # fitting to a few of them would silently change the method
             raise CompressionError(f"GRKV stratified queries: {len(ps)} of the {len(strata)} strata positions were "
                                    "captured; prefill with capture_positions() for this merge")
-        rot = _native.rope_rotate(np.ascontiguousarray(qs), info.rope_n_rot, info.rope_base, info.rope_scale,
-                                  info.rope_neox, np.repeat((last_pos - ps).astype(np.float64), info.n_head))
+        rot = _native.rope_rotate(np.ascontiguousarray(qs), info.rope_params(),
+                                  np.repeat((last_pos - ps).astype(np.float64), info.n_head))
         # queries at T-1 see every key: no causal mask; total weight 6 (spec §4.2)
         sur.append((rot, np.full(len(ps), last_pos, np.int32), False, 6.0 / max(1, len(ps))))
     return sur
@@ -129,8 +129,15 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
                                        f"{int(sel.sum())} were captured")
             order = np.argsort(p[sel], kind="stable")
             queries.append((np.ascontiguousarray(q[sel][order]), np.ascontiguousarray(p[sel][order])))
-    rope = _native.RopeParams(info.rope_n_rot, info.rope_base, info.rope_scale, info.rope_neox)
+    rope = info.rope_params()
     return queries, {"ctx": method.context_params(n_prefix), "rope": rope, "chunks": chunks}
+
+
+def check_method_supported(info: ModelInfo, method: Method) -> None:
+    """Refuse, before any work, a method this architecture cannot run exactly."""
+    why = info.refused_methods.get(method.name)
+    if why:
+        raise BadRequestError(f"method '{method.name}' is refused for {info.arch}: {why}")
 
 
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
@@ -153,6 +160,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     n_head_kv, n_cells]. `backend`: the apply backend (apply.backend(); by
     default in place where the patched llama.cpp is loaded, else the blob);
     merge_report["apply"] names it and splits the time into read, math, write."""
+    check_method_supported(info, method)
     t0 = time.perf_counter()
     be = apply_backend(backend)
     state = be.read(ctx)
@@ -205,7 +213,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         try:
             t1 = time.perf_counter()
             keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
-                                          queries=queries, budget=B, shared=shared, label_end=label_end,
+                                          softcap=info.attn_softcap, queries=queries, budget=B, shared=shared, label_end=label_end,
                                           surrogate=surrogate, window_start=window_start, n_threads=threads,
                                           history=history, **method.native_args(), **margs, **ctx_args)
             t_math = time.perf_counter() - t1

@@ -14,7 +14,8 @@ import llama_cpp.llama_cpp as L
 
 from . import budgeted, decode_compression, hook, kvstate, persist, reread
 from .capture import QUERIES, GraphCapture
-from .compressor import capture_positions, captured_queries, compress_cache, observation_window, resolve_budget
+from .compressor import (capture_positions, captured_queries, check_method_supported, compress_cache,
+                         observation_window, resolve_budget)
 from .errors import BadRequestError, CompressionError, GrkvError
 from .footprint import simulate
 from .loader import describe, open_llama
@@ -23,6 +24,7 @@ from .checks import label as _label
 from .checks import require_window_queries as _require_window_queries
 from .methods.context import ALL_QUERIES
 from .methods import Method, parse_method
+from .progress import Tracker
 from .prompt import PromptFormat, build_format
 from .stats import Stats
 
@@ -130,6 +132,8 @@ class CompressedLlama:
         self.budget_trace: list[int] = []  # budgeted prefill: cells after each chunk
         self.decode_trace: list[int] = []  # decode-time compression: cells before each one
         self.finish_reason = ""      # the last generate(): "stop" (end of turn or a stop string) or "length"
+        # progress of long work: set `progress.callback = fn(phase, done, total)` (the CLI's bar)
+        self.progress = Tracker()
 
     @classmethod
     def for_budget(cls, model_path: str | os.PathLike, *, budget: int, chunk: int = 512, headroom: int = 256,
@@ -189,10 +193,11 @@ class CompressedLlama:
         text = self._format.question_template.format(question=question) + answer_prefix
         return self.tokenize(text, bos=False)
 
-    def _eval(self, tokens: Sequence[int]):
+    def _eval(self, tokens: Sequence[int], count: bool = True):
         """Decode tokens at the next positions. Unlike Llama.eval this keeps no
         token history sized by n_ctx, so positions may run past n_ctx (a
-        budgeted cache holds fewer cells than positions)."""
+        budgeted cache holds fewer cells than positions). `count`: the tokens
+        are part of the running progress phase's total."""
         llm = self.llm
         for i in range(0, len(tokens), llm.n_batch):
             piece = list(tokens[i: i + llm.n_batch])
@@ -200,6 +205,8 @@ class CompressedLlama:
             llm._ctx.decode(llm._batch)
             llm.n_tokens += len(piece)
             self._live += len(piece)
+            if count:
+                self.progress.advance(len(piece))
 
     def _reset(self):
         self.llm.reset()
@@ -245,15 +252,16 @@ class CompressedLlama:
         keeps capture on for the whole prefill (rows filtered natively)."""
         self._reset()
         positions = list(range(len(tokens) - capture, len(tokens))) if isinstance(capture, int) else list(capture)
-        if not positions:
-            self._eval(tokens)
-            return
-        self.capture.set_targets([(*QUERIES, positions)])
-        head = 0 if whole else min(positions)
-        if head > 0:
-            self._eval(tokens[:head])
-        with self.capture.enabled():
-            self._eval(tokens[head:])
+        with self.progress.phase("prefill", len(tokens)):
+            if not positions:
+                self._eval(tokens)
+                return
+            self.capture.set_targets([(*QUERIES, positions)])
+            head = 0 if whole else min(positions)
+            if head > 0:
+                self._eval(tokens[:head])
+            with self.capture.enabled():
+                self._eval(tokens[head:])
 
     # ------------------------------------------------------------- compression
     def compress(self, context: str, *, method: str | Method | None = None, ratio: float | None = None,
@@ -272,6 +280,7 @@ class CompressedLlama:
         method is Compactor query-agnostic (the best measured, docs/results.md)
         and SnapKV query-aware."""
         m, merge = parse_method(default_method(method, question is not None), **params)
+        check_method_supported(self.info, m)
         if question is not None and (m.context_scorer or _needs_reread(m, merge)):
             raise BadRequestError(f"{_label(m, merge, shared)} works on the context without its question; "
                                   "compress without question=")
@@ -288,6 +297,7 @@ class CompressedLlama:
         prefix (protected as sinks). Continue with `feed()` and `generate()`;
         `ask()` needs a context given as text."""
         m, merge = parse_method(default_method(method, False), **params)
+        check_method_supported(self.info, m)
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise BadRequestError("no tokens to compress")
@@ -327,9 +337,11 @@ class CompressedLlama:
         captured = captured_queries(self.capture, self.info) if _needs_reread(m, merge) and grkv else None
         rr = self._reread(m, merge, body, self._n_prefix)
         try:
+            self.progress.event("compress", 0, self._live)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  capture=self.capture, n_threads=self.n_threads, reread=rr, n_prefix=self._n_prefix,
                                  captured=captured)
+            self.progress.event("compress", self._live, self._live)
         except CompressionError as e:
             # A ratio of a short context falls below what the method always keeps (its
             # sinks and window): the cache is as the prefill left it, so keep it whole.
@@ -479,6 +491,7 @@ class CompressedLlama:
         prefill (query-aware if the state is: the whole question inside the
         observation window); prefill_s reports the shared prefill's time."""
         m, merge = parse_method(default_method(method, bool(st.question_tokens)), **params)
+        check_method_supported(self.info, m)
         _require_window_queries(merge, "compress_state (stratified needs its own prefill)", reread_ok=True)
         if st.question_tokens and m.context_scorer:
             raise BadRequestError(f"{m.name} scores the context without its question; this state is query-aware")
@@ -492,8 +505,10 @@ class CompressedLlama:
             self._put_state(st)
             t0 = time.perf_counter()
             rr = self._reread(m, merge, st.tokens, st.n_prefix, state=st)
+            self.progress.event("compress", 0, self._live)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  captured=st.captured, n_threads=self.n_threads, reread=rr, n_prefix=st.n_prefix)
+            self.progress.event("compress", self._live, self._live)
             self._cells = self._live = res.cells_after
             t1 = time.perf_counter()
             self._decode_pending(st)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,19 +12,12 @@ from pathlib import Path
 import llama_cpp
 import llama_cpp.llama_cpp as L
 
+from . import _native
+from .architectures import ARCHS, REFUSED, attn_scale
 from .errors import UnsupportedModelError
 
-# Architectures whose attention the compressor reproduces exactly (tested).
-SUPPORTED_ARCHS = {"llama", "gemma3"}
-# Known-unsupported families, named in the error message.
-_WHY_UNSUPPORTED = {
-    "gemma3n": "its KV cache is reused across layers",
-    "gemma4": "its KV cache is reused across layers",
-    "qwen2vl": "it uses M-RoPE (per-cell position extensions)",
-    "qwen3vl": "it uses M-RoPE (per-cell position extensions)",
-    "qwen25vl": "it uses M-RoPE (per-cell position extensions)",
-    "gemma2": "it soft-caps attention logits",
-}
+SUPPORTED_ARCHS = set(ARCHS)
+
 _CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30}
 
 
@@ -40,6 +32,8 @@ class ModelInfo:
     attn_scale: float                 # logit scale applied to q.k
     cache_layers: list[int]           # model layer ids held by the compressed cache (part 0)
     iswa: bool = False                # part 1 of the blob is a sliding-window cache, left untouched
+    attn_softcap: float = 0.0         # logits become cap * tanh(z / cap) (Gemma-2); 0 = none
+    refused_methods: dict = field(default_factory=dict)  # method -> why this architecture cannot run it
     n_swa: int = 0
     chat_template: str | None = None
     # RoPE of the compressed layers, for re-rotating queries (GRKV stratified mode)
@@ -47,8 +41,14 @@ class ModelInfo:
     rope_base: float = 10000.0
     rope_scale: float = 1.0
     rope_neox: bool = False
+    rope_freq_factors: list[float] | None = None  # per-pair frequency divisors (rope_freqs, phi3 long/short)
     rope_rerotation_refused: str | None = None   # why re-rotation would be wrong, if it would
     metadata: dict = field(default_factory=dict, repr=False)
+
+    def rope_params(self) -> _native.RopeParams:
+        """The compressed layers' RoPE for the native core (re-rotation, de-rotation)."""
+        return _native.RopeParams(self.rope_n_rot, self.rope_base, self.rope_scale, self.rope_neox,
+                                  list(self.rope_freq_factors or []))
 
 
 def _metadata_int(meta: dict, key: str, default=None):
@@ -70,17 +70,19 @@ def describe(llm: llama_cpp.Llama) -> ModelInfo:
         raise UnsupportedModelError(
             f"architecture '{arch}' has a recurrent or hybrid memory; grkv-cpp compresses attention KV caches only"
         )
-    if arch in _WHY_UNSUPPORTED:
-        raise UnsupportedModelError(f"architecture '{arch}' is not supported: {_WHY_UNSUPPORTED[arch]}")
+    if arch in REFUSED:
+        raise UnsupportedModelError(f"architecture '{arch}' is not supported: {REFUSED[arch]}")
     rope = L.llama_model_rope_type(model)
     if rope not in (L.LLAMA_ROPE_TYPE_NORM, L.LLAMA_ROPE_TYPE_NEOX):
         raise UnsupportedModelError(
             f"architecture '{arch}' uses RoPE type {rope} (M-RoPE or vision RoPE); only standard RoPE is supported"
         )
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in ARCHS:
         raise UnsupportedModelError(
-            f"architecture '{arch}' is not supported yet (supported: {', '.join(sorted(SUPPORTED_ARCHS))})"
+            f"architecture '{arch}' is not supported yet (supported: {', '.join(sorted(ARCHS))}; "
+            "`grkv-cpp models` lists what was verified for each)"
         )
+    spec = ARCHS[arch]
     n_layer = L.llama_model_n_layer(model)
     n_head = L.llama_model_n_head(model)
     n_head_kv = L.llama_model_n_head_kv(model)
@@ -89,28 +91,24 @@ def describe(llm: llama_cpp.Llama) -> ModelInfo:
     n_swa = L.llama_model_n_swa(model)
     cache_layers = list(range(n_layer))
     iswa = False
-    if arch == "gemma3":
-        # llama.cpp's gemma3: every `pattern`-th layer is global, the rest use a
-        # sliding window (hparams.set_swa_pattern(6)); only globals are compressed.
-        pattern = _metadata_int(meta, f"{arch}.attention.sliding_window_pattern", 6)
-        if n_swa > 0:
-            iswa = True
-            cache_layers = [il for il in range(n_layer) if il % pattern >= pattern - 1]
-        # gemma3 scales Q by f_attention_scale after the Qcur node (1/sqrt(head_dim), 27B aside)
-        scale = 1.0 / math.sqrt(n_embd / n_head) if n_layer == 62 else 1.0 / math.sqrt(head_dim)
-    else:
-        scale = 1.0 / math.sqrt(head_dim)
+    if spec.iswa_pattern and n_swa > 0:
+        # llama.cpp's set_swa_pattern(n): every n-th layer is global and lives in
+        # the base cache; the others use the sliding window and are not compressed.
+        pattern = _metadata_int(meta, f"{arch}.attention.sliding_window_pattern", spec.iswa_pattern)
+        iswa = True
+        cache_layers = [il for il in range(n_layer) if il % pattern >= pattern - 1]
+    n_rot = _metadata_int(meta, f"{arch}.rope.dimension_count", head_dim)
+    factors = _rope_factors(llm, spec, n_rot) if spec.rope_factor_tensors else None
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     refused = None
     if scaling not in ("none", "linear"):
-        refused = f"RoPE scaling '{scaling}' changes cos/sin magnitudes, so queries cannot be re-rotated"
-    elif _has_rope_factors(llm.model_path):
-        refused = "the model carries per-dimension RoPE factors (rope_freqs), which re-rotation does not reproduce"
+        refused = f"RoPE scaling '{scaling}' mixes frequencies per dimension, which re-rotation does not reproduce"
     return ModelInfo(
-        rope_n_rot=_metadata_int(meta, f"{arch}.rope.dimension_count", head_dim),
+        rope_n_rot=n_rot,
         rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scale=float(L.llama_model_rope_freq_scale_train(model)),
         rope_neox=rope == L.LLAMA_ROPE_TYPE_NEOX,
+        rope_freq_factors=factors,
         rope_rerotation_refused=refused,
         arch=arch,
         n_layer=n_layer,
@@ -118,22 +116,57 @@ def describe(llm: llama_cpp.Llama) -> ModelInfo:
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_ctx_train=L.llama_model_n_ctx_train(model),
-        attn_scale=scale,
+        attn_scale=attn_scale(arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, head_dim=head_dim),
         cache_layers=cache_layers,
         iswa=iswa,
+        attn_softcap=_softcap(meta, spec),
+        refused_methods=dict(spec.refused_methods),
         n_swa=n_swa,
         chat_template=meta.get("tokenizer.chat_template"),
         metadata=meta,
     )
 
 
-def _has_rope_factors(path) -> bool:
+def _softcap(meta: dict, spec) -> float:
+    if not spec.softcap:
+        return 0.0
     try:
-        import gguf
+        return float(meta.get(f"{spec.name}.attn_logit_softcapping", spec.softcap))
+    except ValueError:
+        return spec.softcap
 
-        return any(t.name.startswith("rope_freqs") for t in gguf.GGUFReader(str(path)).tensors)
-    except Exception:  # unreadable metadata: do not refuse on a guess
-        return False
+
+def _rope_factors(llm: llama_cpp.Llama, spec, n_rot: int) -> list[float] | None:
+    """The per-pair frequency divisors llama.cpp's graph passes to RoPE, read
+    from the GGUF. llama.cpp's choice (llama_model::get_rope_factors): the
+    model's rope_freqs if present, else phi3's long factors when the context
+    is longer than the original training context, else the short ones."""
+    import gguf
+    import numpy as np
+
+    try:
+        tensors = {t.name: t for t in gguf.GGUFReader(str(llm.model_path)).tensors
+                   if t.name in spec.rope_factor_tensors}
+    except Exception as e:  # llama.cpp loaded the file, so this is unexpected: say so
+        raise UnsupportedModelError(f"cannot read the RoPE factor tensors of {llm.model_path}: {e}") from e
+    if not tensors:
+        return None
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+    else:
+        meta = llm.metadata
+        arch = spec.name
+        orig = _metadata_int(meta, f"{arch}.rope.scaling.original_context_length",
+                             _metadata_int(meta, f"{arch}.context_length", 0))
+        # llama.cpp compares the per-sequence context (n_ctx / n_seq_max; one sequence here)
+        which = "rope_factors_long.weight" if llm.n_ctx() > orig else "rope_factors_short.weight"
+        t = tensors.get(which)
+        if t is None:
+            return None
+    vals = np.asarray(t.data, dtype=np.float32).ravel()
+    if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(vals) != n_rot // 2:
+        raise UnsupportedModelError(f"RoPE factor tensor {t.name} is not {n_rot // 2} float32 values")
+    return [float(x) for x in vals]
 
 
 def amx_compiled_in() -> bool:

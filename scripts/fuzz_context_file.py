@@ -12,6 +12,8 @@ import sys
 
 import atheris
 
+import fuzz_native  # noqa: F401  (GRKV_NATIVE_SO: a sanitizer build of the native module)
+
 with atheris.instrument_imports():
     from grkv_cpp import persist
 

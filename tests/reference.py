@@ -11,14 +11,19 @@ def _t(x):
     return torch.as_tensor(x, dtype=torch.float64)
 
 
-def snapkv_scores(k, pos, q, qpos, n_head, scale, kernel=5, pooling="avg"):
+def cap(logits, softcap=0.0):
+    """Gemma-2's attention-logit soft cap: c * tanh(z / c); 0 = none."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def snapkv_scores(k, pos, q, qpos, n_head, scale, kernel=5, pooling="avg", softcap=0.0):
     """k [T, Hkv, d], q [w, H, d] -> scores [Hkv, T]; window columns get max+1."""
     k, q = _t(k), _t(q)
     pos, qpos = torch.as_tensor(pos), torch.as_tensor(qpos)
     T, Hkv, d = k.shape
     G = n_head // Hkv
     kk = k.repeat_interleave(G, dim=1)                          # [T, H, d]
-    logits = torch.einsum("whd,thd->hwt", q, kk) * scale        # [H, w, T]
+    logits = cap(torch.einsum("whd,thd->hwt", q, kk) * scale, softcap)  # [H, w, T]
     logits = logits.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
     attn = torch.softmax(logits, dim=-1)
     prefix = int((pos < qpos.min()).sum())
@@ -36,7 +41,7 @@ def snapkv_scores(k, pos, q, qpos, n_head, scale, kernel=5, pooling="avg"):
     return out, protect
 
 
-def gkv_scores(k, pos, q, qpos, n_head, scale, hist=None, alpha=0.8, lam=0.5, thr=0.5):
+def gkv_scores(k, pos, q, qpos, n_head, scale, hist=None, alpha=0.8, lam=0.5, thr=0.5, softcap=0.0):
     """G-KV (spec §8.1) -> (final [Hkv, T], protect [T], global [Hkv, T]).
     local: window softmax, max over the GQA group, mean over the window, / max;
     global = max(alpha * hist, local); redundancy: cosine similarity of the
@@ -47,7 +52,7 @@ def gkv_scores(k, pos, q, qpos, n_head, scale, hist=None, alpha=0.8, lam=0.5, th
     T, Hkv, d = k.shape
     G = n_head // Hkv
     kk = k.repeat_interleave(G, dim=1)
-    logits = torch.einsum("whd,thd->hwt", q, kk) * scale
+    logits = cap(torch.einsum("whd,thd->hwt", q, kk) * scale, softcap)
     logits = logits.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
     attn = torch.softmax(logits, dim=-1).view(Hkv, G, len(qpos), T)
     n = int((pos < qpos.min()).sum())
@@ -94,10 +99,10 @@ def select(scores, protect, budget):
     return torch.sort(idx, dim=-1).values
 
 
-def attention(q, k, v, scale, causal_offset=None):
+def attention(q, k, v, scale, causal_offset=None, softcap=0.0):
     """q [n, d], k/v [m, d]; query i sees keys j with j <= causal_offset + i (all if None)."""
     q, k, v = _t(q), _t(k), _t(v)
-    logits = q @ k.T * scale
+    logits = cap(q @ k.T * scale, softcap)
     if causal_offset is not None:
         n, m = logits.shape
         j = torch.arange(m)[None, :]
@@ -106,14 +111,14 @@ def attention(q, k, v, scale, causal_offset=None):
     return torch.softmax(logits, dim=-1) @ v
 
 
-def laser_scores(k, pos, q, qpos, n_head, scale):
+def laser_scores(k, pos, q, qpos, n_head, scale, softcap=0.0):
     """LASER-KV exact ranking for one layer: softmax attention of the scoring
     queries summed over queries and each KV head's group -> [Hkv, T]."""
     k, q = _t(k), _t(q)
     pos, qpos = torch.as_tensor(pos), torch.as_tensor(qpos)
     T, Hkv, d = k.shape
     G = n_head // Hkv
-    logits = torch.einsum("whd,thd->hwt", q, k.repeat_interleave(G, dim=1)) * scale
+    logits = cap(torch.einsum("whd,thd->hwt", q, k.repeat_interleave(G, dim=1)) * scale, softcap)
     logits = logits.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=1).view(Hkv, G, T).sum(dim=1)
 

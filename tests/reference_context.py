@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from reference import cap
 
 
 def _t(x):
@@ -85,7 +86,7 @@ def _z(x, prot):
 
 
 def compactor_scores(k, v, pos, q, n_head, scale, rope, n_sink=8, n_recent=4, chunk=256, beta=0.5, ridge=1e-2,
-                     chunk_scale=False, hist=None):
+                     chunk_scale=False, hist=None, softcap=0.0):
     """pos: [T], or [Hkv, T] keys' true positions per head (a relabelled
     budgeted cache). hist [Hkv, t0]: the first t0 tokens' tile attention,
     carried; q then holds the last T - t0 tokens' queries, tiled from t0."""
@@ -100,7 +101,8 @@ def compactor_scores(k, v, pos, q, n_head, scale, rope, n_sink=8, n_recent=4, ch
     for a in range(t0, T, chunk):
         b = min(T, a + chunk)
         for hq in range(n_head):
-            p = torch.softmax(zs * q[a - t0:b - t0, hq] @ k[a:b, hq // G].T, dim=-1)  # non-causal inside the tile
+            z = zs * q[a - t0:b - t0, hq] @ k[a:b, hq // G].T
+            p = torch.softmax(cap(z, softcap if chunk_scale else 0.0), dim=-1)  # non-causal inside the tile
             att[hq // G, a:b] += p.sum(0) / G
     att = att * v.norm(dim=-1).T
     att = F.avg_pool1d(att[None], 3, stride=1, padding=1, count_include_pad=True)[0]
@@ -123,7 +125,7 @@ def compactor_scores(k, v, pos, q, n_head, scale, rope, n_sink=8, n_recent=4, ch
     return protect(s, T, n_sink, n_recent)
 
 
-def reconstruct_scores(k, q, rk, qchunk, chunks, n_head, scale, n_sink=4, n_recent=0):
+def reconstruct_scores(k, q, rk, qchunk, chunks, n_head, scale, n_sink=4, n_recent=0, softcap=0.0):
     """k [T, Hkv, d] context keys; q [w, H, d], rk [w, Hkv, d] re-read queries
     and keys; chunk c's queries attend to sinks + context[lo:hi] + its own
     re-read keys causally; score = max over queries and the group."""
@@ -138,7 +140,7 @@ def reconstruct_scores(k, q, rk, qchunk, chunks, n_head, scale, n_sink=4, n_rece
         nR = len(idx)
         for hq in range(n_head):
             keys = torch.cat([k[cols, hq // G], rk[idx, hq // G]])
-            z = scale * q[idx, hq] @ keys.T                          # [nR, |cols| + nR]
+            z = cap(scale * q[idx, hq] @ keys.T, softcap)            # [nR, |cols| + nR]
             mask = torch.zeros_like(z, dtype=torch.bool)
             mask[:, len(cols):] = torch.triu(torch.ones(nR, nR, dtype=torch.bool), diagonal=1)
             a = torch.softmax(z.masked_fill(mask, float("-inf")), dim=-1)[:, :len(cols)].max(0).values

@@ -9,15 +9,18 @@ D = torch.float64
 
 
 class Problem:
-    def __init__(self, q, w, vis, ostar, k0, v0, mut, scale):
+    def __init__(self, q, w, vis, ostar, k0, v0, mut, scale, softcap=0.0):
         t = lambda x: torch.as_tensor(x, dtype=D)  # noqa: E731
         self.q, self.w, self.ostar, self.k0, self.v0 = t(q), t(w), t(ostar), t(k0), t(v0)
         self.vis = torch.as_tensor(vis, dtype=torch.bool)
         self.mut = torch.as_tensor(mut, dtype=torch.bool)
         self.scale = float(scale)
+        self.softcap = float(softcap)
 
     def student(self, K, V):
         logits = (self.q @ K.T) * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         logits = logits.masked_fill(~self.vis, float("-inf"))
         A = torch.softmax(logits, dim=-1)
         return A, A @ V
@@ -64,7 +67,7 @@ class Problem:
         return (J.T @ u).reshape(B, d)
 
 
-def random_problem(seed, G=3, Q=8, d=16, T=120, B=40, n_fixed=10, causal=True):
+def random_problem(seed, G=3, Q=8, d=16, T=120, B=40, n_fixed=10, causal=True, softcap=0.0):
     """A GQA problem: R = G*Q rows of one KV head, teacher over T tokens."""
     g = torch.Generator().manual_seed(seed)
     K = torch.randn(T, d, generator=g, dtype=D)
@@ -76,11 +79,14 @@ def random_problem(seed, G=3, Q=8, d=16, T=120, B=40, n_fixed=10, causal=True):
     keep = torch.cat([keep, torch.arange(T - Q, T)])
     scale = d ** -0.5
     full_vis = pos[None, :] <= qpos[:, None]
-    logits = (q @ K.T * scale).masked_fill(~full_vis, float("-inf"))
+    logits = q @ K.T * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.masked_fill(~full_vis, float("-inf"))
     ostar = torch.softmax(logits, -1) @ V
     vis = full_vis[:, keep]
     mut = torch.ones(B, dtype=torch.bool)
     mut[-Q:] = False  # window
     mut[torch.randperm(B - Q, generator=g)[: max(0, n_fixed - Q)]] = False  # anchors
     w = torch.ones(G * Q, dtype=D)
-    return dict(q=q, w=w, vis=vis, ostar=ostar, k0=K[keep], v0=V[keep], mut=mut, scale=scale)
+    return dict(q=q, w=w, vis=vis, ostar=ostar, k0=K[keep], v0=V[keep], mut=mut, scale=scale, softcap=softcap)

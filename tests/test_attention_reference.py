@@ -36,8 +36,10 @@ def run_case(path, flash_attn, ratio=0.3):
     return m, toks, full, after, res, swa_before
 
 
-def check_layers(m, toks, full, after, res):
+def check_layers(m, toks, full, after, res, softcap=None):
+    """softcap: the reference's logit cap (default: the model's)."""
     info = m.info
+    cap = info.attn_softcap if softcap is None else softcap
     H, Hkv, d = info.n_head, info.n_head_kv, info.head_dim
     G = H // Hkv
     B = res.cells_after
@@ -58,13 +60,13 @@ def check_layers(m, toks, full, after, res):
             np.testing.assert_array_equal(V1[:B, kv], V0[keep[kv], kv])
             k = np.concatenate([K0[keep[kv], kv], K1[B:, kv]])
             v = np.concatenate([V0[keep[kv], kv], V1[B:, kv]])
-            want = ref.attention(q[:, hq], k, v, info.attn_scale, causal_offset=B).numpy()
+            want = ref.attention(q[:, hq], k, v, info.attn_scale, causal_offset=B, softcap=cap).numpy()
             errs.append(rel_err(out[:, hq], want))
             other = (kv + 1) % Hkv if Hkv > 1 else kv
             oset = keep[other] if Hkv > 1 else np.sort(np.random.default_rng(hq).choice(len(K0), B, replace=False))
             kc = np.concatenate([K0[oset, kv], K1[B:, kv]])
             vc = np.concatenate([V0[oset, kv], V1[B:, kv]])
-            ctrl.append(rel_err(out[:, hq], ref.attention(q[:, hq], kc, vc, info.attn_scale, B).numpy()))
+            ctrl.append(rel_err(out[:, hq], ref.attention(q[:, hq], kc, vc, info.attn_scale, B, softcap=cap).numpy()))
     return np.array(errs), np.array(ctrl)
 
 

@@ -29,7 +29,7 @@ def _rope(info):
 
 
 def _native_rope(info):
-    return _native.RopeParams(info.rope_n_rot, info.rope_base, info.rope_scale, info.rope_neox)
+    return info.rope_params()
 
 
 def test_reread_chunks_and_prompts(tiny):

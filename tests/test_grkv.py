@@ -12,7 +12,8 @@ from reference_grkv import Problem, random_problem
 def native(pr):
     f32 = lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)  # noqa: E731
     return _native.GrkvProblem(f32(pr["q"]), f32(pr["w"]), pr["vis"].numpy().astype(np.uint8), f32(pr["ostar"]),
-                               f32(pr["k0"]), f32(pr["v0"]), pr["mut"].numpy().astype(np.uint8), pr["scale"])
+                               f32(pr["k0"]), f32(pr["v0"]), pr["mut"].numpy().astype(np.uint8), pr["scale"],
+                               pr.get("softcap", 0.0))
 
 
 def rel(a, b):
@@ -20,10 +21,15 @@ def rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+# softcap 2: Gemma-2's tanh cap, tight enough to bend these problems' logits (std 1.5)
+SOFTCAPS = pytest.mark.parametrize("softcap", [0.0, 2.0])
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("causal", [True, False])
-def test_value_step_dual_equals_primal_and_native(seed, causal):
-    pr = random_problem(seed, causal=causal)
+@SOFTCAPS
+def test_value_step_dual_equals_primal_and_native(seed, causal, softcap):
+    pr = random_problem(seed, causal=causal, softcap=softcap)
     ref = Problem(**pr)
     dual = ref.value_step(ref.k0, 0.01, dual=True)
     primal = ref.value_step(ref.k0, 0.01, dual=False)
@@ -34,8 +40,9 @@ def test_value_step_dual_equals_primal_and_native(seed, causal):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_jvp_finite_difference_and_reference(seed):
-    pr = random_problem(seed)
+@SOFTCAPS
+def test_jvp_finite_difference_and_reference(seed, softcap):
+    pr = random_problem(seed, softcap=softcap)
     ref, p = Problem(**pr), native(pr)
     K = pr["k0"].numpy().astype(np.float32)
     V = pr["v0"].numpy().astype(np.float32)
@@ -51,9 +58,10 @@ def test_jvp_finite_difference_and_reference(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("shape", [{}, dict(G=1, Q=7, d=20, T=90, B=37, n_fixed=5), dict(G=4, Q=8, d=72, T=150, B=70)])
-def test_vjp_is_adjoint_of_jvp(seed, shape):
+@SOFTCAPS
+def test_vjp_is_adjoint_of_jvp(seed, shape, softcap):
     # the shapes cover the product kernel's full tiles and its leftover rows and columns
-    pr = random_problem(seed, **shape)
+    pr = random_problem(seed, **shape, softcap=softcap)
     p = native(pr)
     rng = np.random.default_rng(seed)
     K = pr["k0"].numpy().astype(np.float32)
@@ -71,8 +79,9 @@ def test_vjp_is_adjoint_of_jvp(seed, shape):
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_key_step_matches_exact_gauss_newton(seed):
-    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=8)
+@SOFTCAPS
+def test_key_step_matches_exact_gauss_newton(seed, softcap):
+    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=8, softcap=softcap)
     ref, p = Problem(**pr), native(pr)
     V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
     nat = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32), 0.01, 64, 1e-7)
@@ -152,3 +161,14 @@ def test_merge_baselines_route_to_nearest_key():
     ok, ov = _native.merge_head("merge", k, v, pos, keep)
     np.testing.assert_array_equal(ok, k[keep])
     assert not np.allclose(ov, v[keep])
+
+
+def test_softcap_changes_the_student_and_native_follows_it():
+    pr = random_problem(0, softcap=2.0)
+    K = pr["k0"].numpy().astype(np.float32)
+    V = pr["v0"].numpy().astype(np.float32)
+    capped, plain = Problem(**pr), Problem(**dict(pr, softcap=0.0))
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    A_nat, _ = _native.grkv_student(native(pr), K, V)
+    A_cap, A_plain = capped.student(t(K), t(V))[0], plain.student(t(K), t(V))[0]
+    assert rel(A_nat, A_cap) < 1e-5 and rel(A_plain, A_cap) > 0.1

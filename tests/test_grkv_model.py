@@ -118,8 +118,7 @@ def check_rerotation(m, pre_target):
     n = len(toks)
     pre = m.capture.rows(0, layer).reshape(n, info.n_head, info.head_dim)
     post = m.capture.rows(1, layer).reshape(n, info.n_head, info.head_dim)
-    rot = lambda x, deltas: _native.rope_rotate(np.ascontiguousarray(x), info.rope_n_rot, info.rope_base,  # noqa: E731
-                                                info.rope_scale, info.rope_neox,
+    rot = lambda x, deltas: _native.rope_rotate(np.ascontiguousarray(x), info.rope_params(),  # noqa: E731
                                                 np.repeat(np.asarray(deltas, np.float64), info.n_head))
     scale = np.abs(post).max()
     # our RoPE of the pre-RoPE query at p equals llama.cpp's

@@ -83,6 +83,7 @@ std::vector<Scores> score_layers(const StreamView & view, const MethodParams & m
         in.head_dim = (int) view.s->k[l].n_embd / shape.n_head_kv;
         in.n_head = shape.n_head;
         in.scale = shape.scale;
+        in.softcap = shape.softcap;
         if (method_needs_queries(m.name)) {
             const auto & lq = queries[l];
             in.w = (int) lq.qpos.size();

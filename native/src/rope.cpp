@@ -6,11 +6,19 @@
 
 namespace grkv {
 
+double RopeParams::theta(int i) const {
+    const double t = freq_scale * std::pow((double) freq_base, -2.0 * i / n_rot);
+    return freq_factors.empty() ? t : t / freq_factors[i];
+}
+
 void rope_rotate(float * x, const RopeParams & p, double delta) {
     if (p.n_rot <= 0 || p.n_rot % 2) throw Error("RoPE n_rot must be even and positive");
     const int half = p.n_rot / 2;
+    if (!p.freq_factors.empty() && (int) p.freq_factors.size() != half) {
+        throw Error("RoPE freq_factors must hold n_rot/2 values");
+    }
     for (int i = 0; i < half; ++i) {
-        const double theta = delta * p.freq_scale * std::pow((double) p.freq_base, -2.0 * i / p.n_rot);
+        const double theta = delta * p.theta(i);
         const double c = std::cos(theta), s = std::sin(theta);
         const int a = p.neox ? i : 2 * i, b = p.neox ? i + half : 2 * i + 1;
         const double x0 = x[a], x1 = x[b];

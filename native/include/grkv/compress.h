@@ -35,6 +35,7 @@ struct LayerQueries {
 struct ModelShape {
     int n_head = 0, n_head_kv = 0;
     float scale = 1.0f;
+    float softcap = 0.0f;  // attention-logit soft cap, 0 = none
 };
 
 bool method_needs_queries(const std::string & name);

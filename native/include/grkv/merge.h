@@ -49,6 +49,7 @@ struct GrkvParams {
 struct GrkvProblem {
     int R = 0, B = 0, d = 0;
     float scale = 1.0f;
+    float softcap = 0.0f;          // attention-logit soft cap (Gemma-2), 0 = none
     std::vector<float> q;          // [R][d]
     std::vector<float> w;          // [R] row weights
     std::vector<uint8_t> vis;      // [R][B] student visibility (causal test on original positions)
@@ -66,12 +67,15 @@ struct GrkvResult {
 };
 
 // Student attention A [R][B] (0 where not visible) and output O [R][d].
+// `dA`, if given, receives A times d(logit)/d(scale q.k): the weights the
+// JVP and VJP take (A itself without soft-capping).
 void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::vector<float> & A,
-                  std::vector<float> & O);
+                  std::vector<float> & O, std::vector<float> * dA = nullptr);
 double grkv_objective(const GrkvProblem & p, const float * K, const float * V, float lambda);
 // Value step in dual form: returns dV [B][d] (total offset from V0 at keys K).
 std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float lambda);
 // JVP of sqrt(w)*o(K) at (K, V) along D [B][d] -> [R][d]; VJP of U [R][d] -> [B][d].
+// A here is grkv_student's dA; O its output.
 std::vector<float> grkv_jvp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * D);
 std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,

@@ -2,6 +2,8 @@
 // RoPE without YaRN: the angle is linear in the position, so rotations compose).
 #pragma once
 
+#include <vector>
+
 namespace grkv {
 
 struct RopeParams {
@@ -9,6 +11,12 @@ struct RopeParams {
     float freq_base = 10000.0f;
     float freq_scale = 1.0f;  // linear position scaling
     bool neox = false;        // NEOX pairs (i, i + n_rot/2); NORM pairs (2i, 2i+1)
+    // Per-pair frequency divisors (Llama-3.1's rope_freqs tensor, n_rot/2 of
+    // them); empty means none. ggml divides pair i's angle by freq_factors[i].
+    std::vector<float> freq_factors;
+
+    // Angle per unit position of pair i.
+    double theta(int i) const;
 };
 
 void rope_rotate(float * x, const RopeParams & p, double delta);

@@ -17,6 +17,7 @@ struct LayerInput {
     const int32_t * qpos = nullptr;  // [w]
     int w = 0, n_head = 0;
     float scale = 1.0f;              // logit scale (1/sqrt(d) for llama)
+    float softcap = 0.0f;            // attention-logit soft cap (Gemma-2), 0 = none
     // Context scorers (expected, compactor, reconstruct) only:
     const float * v = nullptr;       // [T][n_head_kv][head_dim] values
     RopeParams rope;                 // the model's RoPE, to undo or average it

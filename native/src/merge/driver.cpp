@@ -10,19 +10,22 @@
 
 #include "grkv/common.h"
 #include "grkv/compress.h"
+#include "grkv/softcap.h"
 
 namespace grkv {
 
 namespace {
 
-GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurrogate & sq, int n_head, float scale,
+GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurrogate & sq, const ModelShape & shape,
                           const std::vector<uint8_t> & mut) {
     const int d = h.d, n_q = (int) sq.qpos.size();
     GrkvProblem p;
     p.R = G * n_q;
     p.B = h.B;
     p.d = d;
-    p.scale = scale;
+    p.scale = shape.scale;
+    p.softcap = shape.softcap;
+    const int n_head = shape.n_head;
     p.q.resize((size_t) p.R * d);
     p.w.assign(p.R, sq.weight);
     p.vis.assign((size_t) p.R * h.B, 1);
@@ -59,7 +62,7 @@ GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurro
                 const float * kt = Kh.data() + (size_t) t * d;
 #pragma omp simd reduction(+ : s)
                 for (int e = 0; e < d; ++e) s += q[e] * kt[e];
-                l[t] = (double) s * scale;
+                l[t] = soft_cap((double) s * shape.scale, (double) shape.softcap);
                 mx = std::max(mx, l[t]);
                 n_vis = t + 1;
             }
@@ -146,8 +149,7 @@ void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, in
                     for (int i = 0; i < n_anchor; ++i) mut[prefix[i]] = 0;
                     GrkvParams gp = mp.grkv;
                     gp.dtype = st.k[l].type;
-                    const GrkvProblem p = build_problem(hk, h, G, req.surrogate[l], req.shape.n_head,
-                                                        req.shape.scale, mut);
+                    const GrkvProblem p = build_problem(hk, h, G, req.surrogate[l], req.shape, mut);
                     fits.push_back(grkv_fit(p, gp));
                     rep.n_mutable[l] += (int) std::count(mut.begin(), mut.end(), 1);
                 }

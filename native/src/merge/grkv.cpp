@@ -7,6 +7,7 @@
 
 #include "grkv/common.h"
 #include "grkv/merge.h"
+#include "grkv/softcap.h"
 #include "../linalg.h"
 #include "gemm.h"
 
@@ -49,7 +50,7 @@ std::vector<float> transpose(const float * X, int rows, int cols) {
 }  // namespace
 
 void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::vector<float> & A,
-                  std::vector<float> & O) {
+                  std::vector<float> & O, std::vector<float> * dA) {
     const int R = p.R, B = p.B, d = p.d;
     const std::vector<float> Kt = transpose(K, B, d);  // [d][B]
     A.assign((size_t) R * B, 0.0f);
@@ -58,10 +59,18 @@ void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::
     for (int r = 0; r < R; ++r) {
         const uint8_t * vis = p.vis.data() + (size_t) r * B;
         float * a = A.data() + (size_t) r * B;
+        if (p.softcap > 0) {
+            for (int s = 0; s < B; ++s) a[s] = soft_cap(p.scale * a[s], p.softcap) / p.scale;
+        }
+        if (dA) {  // the slope at each capped logit, overwritten by A * slope below
+            dA->resize((size_t) R * B);
+            for (int s = 0; s < B; ++s) (*dA)[(size_t) r * B + s] = soft_cap_slope(p.scale * a[s], p.softcap);
+        }
         double mx = -std::numeric_limits<double>::infinity();
         for (int s = 0; s < B; ++s) if (vis[s]) mx = std::max(mx, (double) p.scale * a[s]);
         if (mx == -std::numeric_limits<double>::infinity()) {  // sees nothing
             std::fill(a, a + B, 0.0f);
+            if (dA) std::fill(dA->begin() + (size_t) r * B, dA->begin() + (size_t) (r + 1) * B, 0.0f);
             continue;
         }
         double z = 0;
@@ -72,6 +81,7 @@ void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::
         }
         const float inv = (float) (1.0 / z);
         for (int s = 0; s < B; ++s) a[s] *= inv;
+        if (dA) for (int s = 0; s < B; ++s) (*dA)[(size_t) r * B + s] *= a[s];
     }
     gemm(R, d, B, A.data(), B, 1, V, O.data());
 }
@@ -179,8 +189,8 @@ std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A,
 
 std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const float * V, const GrkvParams & prm) {
     const int R = p.R, B = p.B, d = p.d;
-    std::vector<float> A, O;
-    grkv_student(p, Kc, V, A, O);
+    std::vector<float> A0, O, A;
+    grkv_student(p, Kc, V, A0, O, &A);  // A: the JVP/VJP weights
     std::vector<float> c((size_t) B * d, 0.0f);
     for (size_t i = 0; i < c.size(); ++i) c[i] = p.mut[i / d] ? Kc[i] - p.k0[i] : 0.0f;
     const std::vector<float> Jc = grkv_jvp(p, A, O, V, c.data());

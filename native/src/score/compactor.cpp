@@ -7,6 +7,7 @@
 #include "../linalg.h"
 #include "../merge/gemm.h"
 #include "context_common.h"
+#include "grkv/softcap.h"
 
 namespace grkv {
 Scores score_compactor(const LayerInput & in, const ContextParams & p, const float * hist, std::vector<float> * carry) {
@@ -30,7 +31,9 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p, const flo
     if (hist)
         for (int hk = 0; hk < in.n_head_kv; ++hk)
             std::copy(hist + (size_t) hk * T, hist + (size_t) hk * T + t0, att.begin() + (size_t) hk * T);
-    const float zs = p.chunk_scale ? in.scale : 1.0f;
+    // kvpress scores chunks with unscaled logits (a heuristic, not the model's
+    // attention); with chunk_scale the model's scale and soft cap apply
+    const float zs = p.chunk_scale ? in.scale : 1.0f, cap = p.chunk_scale ? in.softcap : 0.0f;
     std::vector<float> KT, L;
     for (int a = t0; a < T; a += p.chunk) {
         const int n = std::min(p.chunk, T - a);
@@ -45,7 +48,7 @@ Scores score_compactor(const LayerInput & in, const ContextParams & p, const flo
                 for (int i = 0; i < n; ++i) {
                     float * row = L.data() + (size_t) i * n;
                     float mx = -INFINITY;
-                    for (int t = 0; t < n; ++t) mx = std::max(mx, row[t] *= zs);
+                    for (int t = 0; t < n; ++t) mx = std::max(mx, row[t] = soft_cap(row[t] * zs, cap));
                     double z = 0;
                     for (int t = 0; t < n; ++t) z += (row[t] = std::exp(row[t] - mx));
                     const float inv = (float) (1.0 / z) / (float) G;

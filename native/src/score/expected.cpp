@@ -14,6 +14,11 @@ Scores score_expected(const LayerInput & in, const ContextParams & p) {
     if (!in.q || in.w <= 0) throw Error("expected attention needs the context's captured queries");
     if (in.rope.n_rot <= 0 || in.rope.n_rot > in.head_dim) throw Error("expected attention needs the model's RoPE");
     if (p.n_future < 1) throw Error("expected attention: n_future must be >= 1");
+    // E[exp(q.k)] over Gaussian queries is closed-form only without the tanh cap
+    if (in.softcap > 0) throw Error("expected attention has no closed form under soft-capped logits (Gemma-2)");
+    if (!in.rope.freq_factors.empty() && (int) in.rope.freq_factors.size() != in.rope.n_rot / 2) {
+        throw Error("expected attention: RoPE freq_factors must hold n_rot/2 values");
+    }
     const int d = in.head_dim, T = in.T, G = in.n_head / in.n_head_kv, half = in.rope.n_rot / 2;
     const int n_sink = std::min(p.n_sink, T);
     const double next_pos = p.next_pos >= 0 ? p.next_pos : (double) in.pos[T - 1] + 1;
@@ -22,7 +27,7 @@ Scores score_expected(const LayerInput & in, const ContextParams & p) {
     std::vector<double> R((size_t) d * d, 0.0);
     for (int e = 0; e < d; ++e) R[(size_t) e * d + e] = 1.0;
     for (int i = 0; i < half; ++i) {
-        const double th = in.rope.freq_scale * std::pow((double) in.rope.freq_base, -2.0 * i / in.rope.n_rot);
+        const double th = in.rope.theta(i);
         double c = 0, s = 0;
         for (int k = 0; k < p.n_future; ++k) {
             c += std::cos((next_pos + k) * th);

@@ -8,6 +8,7 @@
 
 #include "../merge/gemm.h"
 #include "context_common.h"
+#include "grkv/softcap.h"
 
 namespace grkv {
 
@@ -56,7 +57,7 @@ Scores score_reconstruct(const LayerInput & in, const ContextParams & p) {
                         float * row = Lg.data() + (size_t) r * N;
                         const int n_vis = nP + nC + b0 + r + 1;  // causal among the re-read tokens
                         float mx = -INFINITY;
-                        for (int t = 0; t < n_vis; ++t) mx = std::max(mx, row[t] *= in.scale);
+                        for (int t = 0; t < n_vis; ++t) mx = std::max(mx, row[t] = soft_cap(row[t] * in.scale, in.softcap));
                         double z = 0;
                         for (int t = 0; t < n_vis; ++t) z += (row[t] = std::exp(row[t] - mx));
                         const float inv = (float) (1.0 / z);

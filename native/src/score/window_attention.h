@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "grkv/score.h"
+#include "grkv/softcap.h"
 
 namespace grkv {
 
@@ -22,7 +23,7 @@ inline int window_softmax(const LayerInput & in, int j, int hq, int hk, float * 
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int e = 0; e < d; ++e) dot += q[e] * k[e];
-        p[t] = dot * in.scale;
+        p[t] = soft_cap(dot * in.scale, in.softcap);
         mx = std::max(mx, p[t]);
         n_vis = t + 1;
     }
