@@ -13,6 +13,13 @@ def load_sanitized_native() -> str | None:
     path = os.environ.get("GRKV_NATIVE_SO")
     if not path:
         return None
+    # grkv_cpp finds its patched libllama beside the native module: keep pointing at the installed one
+    pkg = importlib.util.find_spec("grkv_cpp")
+    for where in (pkg.submodule_search_locations or []) if pkg else []:  # an editable install has two
+        lib = os.path.join(where, "lib")
+        if os.path.isdir(lib):
+            os.environ.setdefault("LLAMA_CPP_LIB_PATH", lib)
+            break
     loader = importlib.machinery.ExtensionFileLoader("grkv_cpp._native", path)
     spec = importlib.util.spec_from_loader("grkv_cpp._native", loader)
     mod = importlib.util.module_from_spec(spec)
