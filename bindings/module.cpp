@@ -12,6 +12,7 @@
 #include "grkv/common.h"
 #include "grkv/compress.h"
 #include "grkv/merge.h"
+#include "grkv/quant.h"
 #include "grkv/rope.h"
 #include "grkv/select.h"
 #include "grkv/state_blob.h"
@@ -458,6 +459,28 @@ PYBIND11_MODULE(_native, m) {
               return py::make_tuple(a.slots, to_numpy(std::move(a.count), {L, H}));
           },
           py::arg("scores"), py::arg("protect"), py::arg("budget"), py::arg("alpha"), py::arg("across_layers"));
+    // Quantised-cache codecs (q8_0 = 8, q4_0 = 2) and the Walsh-Hadamard rotation, for the tests.
+    m.def("quant_dequantize", [](int32_t type, py::bytes data) {
+        const std::string b = data;
+        const size_t bb = quant_block_bytes(type);
+        if (b.size() % bb) throw Error("quantised data is not a whole number of blocks");
+        std::vector<float> out(b.size() / bb * QK);
+        dequantize_row(type, (const uint8_t *) b.data(), out.data(), out.size());
+        return to_numpy(std::move(out), {(py::ssize_t) (b.size() / bb * QK)});
+    }, py::arg("type"), py::arg("data"));
+    m.def("quant_quantize", [](int32_t type, carray<float> x) {
+        std::string out(x.size() / QK * quant_block_bytes(type), '\0');
+        quantize_row(type, x.data(), (uint8_t *) out.data(), (size_t) x.size());
+        return py::bytes(out);
+    }, py::arg("type"), py::arg("x"));
+    m.def("hadamard", [](carray<float> x, int block) {
+        std::vector<float> out(x.data(), x.data() + x.size());
+        hadamard_blocks(out.data(), out.size(), block);
+        std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+        return to_numpy(std::move(out), shape);
+    }, py::arg("x"), py::arg("block"));
+    m.def("hadamard_block_k", &hadamard_block_k, py::arg("type"), py::arg("head_dim"));
+    m.def("hadamard_block_v", &hadamard_block_v, py::arg("type"), py::arg("head_dim"));
     m.def("f32_round_trip",
           [](carray<float> x, const std::string & dtype) {
               int32_t t = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : dtype == "f32" ? 0 : -1;

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "grkv/common.h"
+#include "grkv/quant.h"
 
 namespace grkv {
 namespace {
@@ -75,6 +76,9 @@ uint16_t float_to_bf16(float f) {
 
 }  // namespace
 
+float f16_to_f32(uint16_t h) { return half_to_float(h); }
+uint16_t f32_to_f16(float f) { return float_to_half(f); }
+
 bool dtype_supported(int32_t t) {
     return t == (int32_t) DType::F32 || t == (int32_t) DType::F16 || t == (int32_t) DType::BF16;
 }
@@ -115,6 +119,8 @@ void to_f32(int32_t t, const uint8_t * src, float * dst, size_t n) {
             std::memcpy(&h, src + 2 * i, 2);
             dst[i] = bf ? bf16_to_float(h) : half_to_float(h);
         }
+    } else if (quant_block_type(t)) {
+        dequantize_row(t, src, dst, n);
     } else {
         dtype_size(t);  // throws
     }

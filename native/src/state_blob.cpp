@@ -1,4 +1,5 @@
 #include "grkv/state_blob.h"
+#include "grkv/quant.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -88,6 +89,10 @@ Stream parse_stream(Reader & r) {
         if (dtype_supported(L.type)) {
             check(L.row_bytes % dtype_size(L.type) == 0, "k row size not a multiple of the element size", r.offset());
             L.n_embd = (uint32_t) (L.row_bytes / dtype_size(L.type));
+        } else if (quant_block_type(L.type)) {
+            check(L.row_bytes % quant_block_bytes(L.type) == 0, "k row size not a multiple of the block size",
+                  r.offset());
+            L.n_embd = (uint32_t) (L.row_bytes / quant_block_bytes(L.type) * QK);
         }
         r.bytes(L.bytes, L.row_bytes * s.cell_count, "K rows");
     }
@@ -100,6 +105,10 @@ Stream parse_stream(Reader & r) {
             if (dtype_supported(L.type)) {
                 check(L.row_bytes % dtype_size(L.type) == 0, "v row size not a multiple of the element size", r.offset());
                 L.n_embd = (uint32_t) (L.row_bytes / dtype_size(L.type));
+            } else if (quant_block_type(L.type)) {
+                check(L.row_bytes % quant_block_bytes(L.type) == 0, "v row size not a multiple of the block size",
+                      r.offset());
+                L.n_embd = (uint32_t) (L.row_bytes / quant_block_bytes(L.type) * QK);
             }
             r.bytes(L.bytes, L.row_bytes * s.cell_count, "V rows");
         } else {
@@ -147,6 +156,16 @@ void require_editable(const Stream & s) {
             throw Error(std::string("cannot edit a ") + ggml_type_name_of(s.k[l].type) + "/" +
                         ggml_type_name_of(s.v[l].type) +
                         " KV cache: grkv-cpp edits f16, bf16 and f32 caches only (type_k/type_v)");
+        }
+    }
+}
+
+// Reading rows also works for q4_0/q8_0 caches (dequantised, in the cache's
+// Hadamard-rotated basis); editing them does not yet.
+void require_readable(const Stream & s) {
+    for (size_t l = 0; l < s.k.size(); ++l) {
+        for (int32_t t : {s.k[l].type, s.v[l].type}) {
+            if (!dtype_supported(t) && !quant_block_type(t)) require_editable(s);
         }
     }
 }
@@ -225,7 +244,7 @@ std::vector<int32_t> StreamView::positions() const {
 }
 
 std::vector<float> StreamView::keys(int layer) const {
-    require_editable(*s);
+    require_readable(*s);
     const LayerRows & L = s->k.at(layer);
     std::vector<float> out((size_t) n_tokens() * L.n_embd);
     for (int i = 0; i < n_tokens(); ++i) {
@@ -235,7 +254,7 @@ std::vector<float> StreamView::keys(int layer) const {
 }
 
 std::vector<float> StreamView::values(int layer) const {
-    require_editable(*s);
+    require_readable(*s);
     const LayerRows & L = s->v.at(layer);
     const size_t T = (size_t) n_tokens();
     std::vector<float> out(T * L.n_embd);

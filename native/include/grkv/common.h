@@ -22,5 +22,7 @@ const char * ggml_type_name_of(int32_t ggml_type);  // for error messages
 void to_f32(int32_t ggml_type, const uint8_t * src, float * dst, size_t n);
 void from_f32(int32_t ggml_type, const float * src, uint8_t * dst, size_t n);
 float round_trip(int32_t ggml_type, float x);  // value after storing x in the cache dtype
+float f16_to_f32(uint16_t h);   // IEEE half, as ggml stores block scales
+uint16_t f32_to_f16(float f);   // round to nearest even
 
 }  // namespace grkv
