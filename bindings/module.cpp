@@ -144,6 +144,17 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("seq_id", &SeqState::seq_id)
         .def_property_readonly("n_parts", [](const SeqState & s) { return (int) s.parts.size(); })
         .def("copy", [](const SeqState & s) { return SeqState(s); })
+        .def("set_rotation",
+             [](SeqState & s, int part, int rot_k, int rot_v) {
+                 if (part < 0 || part >= (int) s.parts.size()) throw Error("no memory part " + std::to_string(part));
+                 for (auto & st : s.parts[part].streams) {
+                     st.rot_k = rot_k;
+                     st.rot_v = rot_v;
+                 }
+             },
+             py::arg("part"), py::arg("rot_k"), py::arg("rot_v"),
+             "The Walsh-Hadamard blocks llama.cpp rotated this part's quantised K/V with (0: none); "
+             "keys()/values() then un-rotate.")
         .def("serialize",
              [](const SeqState & s) {
                  std::vector<uint8_t> out;

@@ -177,14 +177,18 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
               help="With --decode-budget: the method scoring with the latest tokens' queries.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--flash-attn", is_flag=True)
+@click.option("--flash-attn", "-fa", is_flag=True)
+@click.option("--cache-type-k", "-ctk", "type_k", type=click.Choice(["f16", "bf16", "f32", "q8_0", "q4_0"]),
+              default="f16", show_default=True, help="K cache type (quantized: eviction methods only, no merges).")
+@click.option("--cache-type-v", "-ctv", "type_v", type=click.Choice(["f16", "bf16", "f32", "q8_0", "q4_0"]),
+              default="f16", show_default=True, help="V cache type (quantized V needs --flash-attn).")
 @click.option("--threads", type=int, default=None)
 @_gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def ask(model, context_file, save_context, load_context, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
         query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
-        flash_attn, threads, n_gpu_layers, as_json, verbose):
+        flash_attn, type_k, type_v, threads, n_gpu_layers, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
     if method is None:  # Compactor needs the whole context and no question; the others run chunked / query-aware
         method = "snapkv" if query_aware or chunk is not None else "compactor"
@@ -209,7 +213,7 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
         n_ctx = kv_budget + chunk + max_tokens + 256  # the cache never holds more than this
         kw["swa_full"] = False  # an iSWA model's window cache sized for the window, not n_ctx
     m = _model(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, n_gpu_layers=n_gpu_layers,
-               verbose=verbose, progress=not as_json, **kw)
+               verbose=verbose, progress=not as_json, type_k=type_k, type_v=type_v, **kw)
     evict, _, merge = method.partition("+")
     params = {"snapkv": {"window_size": window, "kernel": kernel}, "streaming": {"n_sink": n_sink},
               "laser": {"window_size": window, "protect_divisor": protect_divisor}}.get(evict, {})

@@ -133,6 +133,26 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
     return queries, {"ctx": method.context_params(n_prefix), "rope": rope, "chunks": chunks}
 
 
+_QUANT_CODES = {"q8_0": 8, "q4_0": 2}
+
+
+def _set_rotation(state, info: ModelInfo) -> list[str]:
+    """Tell the state which Walsh-Hadamard blocks llama.cpp rotated its
+    quantised rows with, so that it reads them un-rotated; returns the
+    quantised types found (empty for f16/bf16/f32 caches)."""
+    pi = state.part_info(PART)
+    kt, vt = pi.get("k_types", ["f16"])[0], pi.get("v_types", ["f16"])[0]
+    found = [t for t in dict.fromkeys((kt, vt)) if t in _QUANT_CODES]
+    if not found:
+        return []
+    flag = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "").strip()
+    off = flag.lstrip("+-").isdigit() and int(flag) != 0  # llama.cpp reads it with atoi
+    rk = 0 if off or kt not in _QUANT_CODES else _native.hadamard_block_k(_QUANT_CODES[kt], info.head_dim)
+    rv = 0 if off or vt not in _QUANT_CODES else _native.hadamard_block_v(_QUANT_CODES[vt], info.head_dim)
+    state.set_rotation(PART, rk, rv)
+    return found
+
+
 def check_method_supported(info: ModelInfo, method: Method) -> None:
     """Refuse, before any work, a method this architecture cannot run exactly."""
     why = info.refused_methods.get(method.name)
@@ -164,6 +184,10 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     t0 = time.perf_counter()
     be = apply_backend(backend)
     state = be.read(ctx)
+    quantized = _set_rotation(state, info)
+    if quantized and merge is not None:
+        raise BadRequestError(f"merging ({merge.name}) on a {'/'.join(quantized)} KV cache is not supported yet: "
+                              "evict only, or use an f16 cache")
     t_read = time.perf_counter() - t0
     info0 = state.part_info(PART)
     n_cells = info0["n_cells"]

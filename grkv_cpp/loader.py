@@ -18,7 +18,8 @@ from .errors import UnsupportedModelError
 
 SUPPORTED_ARCHS = set(ARCHS)
 
-_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30}
+_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}
+QUANTIZED_CACHE_TYPES = {"q8_0", "q4_0"}
 
 
 @dataclass
@@ -193,8 +194,10 @@ def open_llama(model_path: str | os.PathLike, *, callback=None, user_data: int |
     the extra buffer types when AMX kernels are compiled in."""
     if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
         raise UnsupportedModelError(
-            f"KV cache type {type_k}/{type_v} is not supported: grkv-cpp edits f16, bf16 and f32 caches"
+            f"KV cache type {type_k}/{type_v} is not supported: grkv-cpp edits f16, bf16, f32, q8_0 and q4_0 caches"
         )
+    if type_v in QUANTIZED_CACHE_TYPES and not kwargs.get("flash_attn"):
+        raise UnsupportedModelError(f"a {type_v} V cache needs flash attention in llama.cpp: pass flash_attn=True (-fa)")
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model file not found: {model_path}")
     # Llama() gives batch (prefill) work every core unless told otherwise, so

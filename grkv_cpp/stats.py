@@ -32,4 +32,20 @@ class Stats:
     merge_report: dict = field(default_factory=dict)  # GRKV objectives; "apply": backend, read/math/write seconds
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: numpy values become Python ones; the merge report's large
+        arrays (a scorer's carried per-cell state) are summarised by their shape."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist() if x.size <= 256 else {"shape": list(x.shape), "dtype": str(x.dtype)}
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

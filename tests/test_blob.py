@@ -92,5 +92,5 @@ def test_compress_keeps_budget_and_positions(tiny_gguf):
 
 
 def test_unsupported_cache_type_is_named(tiny_gguf):
-    with pytest.raises(UnsupportedModelError, match="q8_0"):
-        CompressedLlama(tiny_gguf, n_ctx=256, type_k="q8_0")
+    with pytest.raises(UnsupportedModelError, match="q5_0.*f16, bf16, f32, q8_0 and q4_0"):
+        CompressedLlama(tiny_gguf, n_ctx=256, type_k="q5_0")

@@ -50,3 +50,14 @@ def test_no_listener_no_reports_and_the_bar_closes(tiny_gguf):
     bar("prefill", 0, 10)
     bar("prefill", 10, 10)
     assert bar._bar is None  # a finished phase closes its bar
+
+
+def test_stats_are_json_ready_after_every_kind_of_compression(tiny_gguf):
+    import json
+
+    with quiet():
+        m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    for method in ("compactor", "snapkv+grkv", "gkv"):  # compactor/gkv carry per-cell arrays in the report
+        st = m.compress(TEXT, method=method, ratio=0.5)
+        d = json.loads(json.dumps(st.to_dict()))
+        assert d["kv_cells_after"] == st.kv_cells_after and d["method"] == st.method

@@ -35,6 +35,10 @@ uintptr_t Capture::callback_address() const {
 int Capture::match(const ggml::Tensor * t, int * layer) const {
     const char * dash = std::strrchr(t->name, '-');
     if (!dash || dash == t->name || dash[1] < '0' || dash[1] > '9') return -1;
+    // "<name>-<il>" exactly: ggml names views of a node "<name>-<il> (reshaped)"
+    for (const char * c = dash + 1; *c; ++c) {
+        if (*c < '0' || *c > '9') return -1;
+    }
     const size_t plen = (size_t) (dash - t->name);
     for (size_t i = 0; i < targets_.size(); ++i) {
         const auto & tg = targets_[i];

@@ -250,6 +250,7 @@ std::vector<float> StreamView::keys(int layer) const {
     for (int i = 0; i < n_tokens(); ++i) {
         to_f32(L.type, L.bytes.data() + (size_t) order[i] * L.row_bytes, out.data() + (size_t) i * L.n_embd, L.n_embd);
     }
+    if (s->rot_k && quant_block_type(L.type)) hadamard_blocks(out.data(), out.size(), s->rot_k);
     return out;
 }
 
@@ -270,13 +271,15 @@ std::vector<float> StreamView::values(int layer) const {
             for (size_t i = 0; i < T; ++i) out[i * L.n_embd + j] = col[order[i]];
         }
     }
+    if (s->rot_v && quant_block_type(L.type)) hadamard_blocks(out.data(), out.size(), s->rot_v);
     return out;
 }
 
 Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & keep, int n_head_kv, int budget,
                         int32_t label_end, const float * new_k, const float * new_v) {
     const Stream & src = *view.s;
-    require_editable(src);
+    require_readable(src);
+    if (new_k || new_v) require_editable(src);  // replacement rows are written through to/from f32
     const int L = (int) src.k.size();
     const int T = view.n_tokens();
     if (budget <= 0 || budget > T) throw Error("budget " + std::to_string(budget) + " outside [1, " + std::to_string(T) + "]");
@@ -292,6 +295,8 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
     Stream dst;
     dst.cell_count = (uint32_t) budget;
     dst.v_trans = src.v_trans;
+    dst.rot_k = src.rot_k;
+    dst.rot_v = src.rot_v;
     dst.pos.resize(budget);
     dst.seq_ids.assign(budget, src.seq_ids[view.order.back()]);
     for (int j = 0; j < budget; ++j) dst.pos[j] = label_end - budget + 1 + j;
@@ -304,8 +309,16 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
         if (K.n_embd % n_head_kv || V.n_embd % n_head_kv) {
             throw Error("layer " + std::to_string(l) + ": K/V width not divisible by n_head_kv");
         }
-        const size_t es_k = dtype_size(K.type), es_v = dtype_size(V.type);
         const size_t dk = K.n_embd / n_head_kv, dv = V.n_embd / n_head_kv;
+        // bytes of one head's slice: es_* per value, or whole blocks of a quantised row
+        const size_t es_k = quant_block_type(K.type) ? 0 : dtype_size(K.type);
+        const size_t es_v = quant_block_type(V.type) ? 0 : dtype_size(V.type);
+        if (!es_v && src.v_trans) throw Error("a quantised V cache is never transposed (it needs flash attention)");
+        if ((!es_k && dk % QK) || (!es_v && dv % QK)) {
+            throw Error("layer " + std::to_string(l) + ": a quantised head slice is not whole 32-value blocks");
+        }
+        const size_t hk_bytes = es_k ? dk * es_k : dk / QK * quant_block_bytes(K.type);
+        const size_t hv_bytes = es_v ? dv * es_v : dv / QK * quant_block_bytes(V.type);
         const int32_t * kl = keep.data() + (size_t) l * n_head_kv * budget;
 
         LayerRows & OK = dst.k[l];
@@ -313,23 +326,23 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
         OK.bytes.resize((size_t) budget * K.row_bytes);
         LayerRows & OV = dst.v[l];
         OV.type = V.type; OV.row_bytes = V.row_bytes; OV.el_bytes = V.el_bytes; OV.n_embd = V.n_embd;
-        OV.bytes.resize((size_t) budget * V.n_embd * es_v);
+        OV.bytes.resize((size_t) budget * (src.v_trans ? V.n_embd * es_v : V.row_bytes));
 
         for (int h = 0; h < n_head_kv; ++h) {
             for (int j = 0; j < budget; ++j) {
                 const size_t cell = (size_t) view.order[kl[(size_t) h * budget + j]];
-                uint8_t * kd = OK.bytes.data() + (size_t) j * K.row_bytes + h * dk * es_k;
+                uint8_t * kd = OK.bytes.data() + (size_t) j * K.row_bytes + h * hk_bytes;
                 if (new_k) {
                     from_f32(K.type, new_k + ((size_t) l * budget + j) * K.n_embd + h * dk, kd, dk);
                 } else {
-                    std::memcpy(kd, K.bytes.data() + cell * K.row_bytes + h * dk * es_k, dk * es_k);
+                    std::memcpy(kd, K.bytes.data() + cell * K.row_bytes + h * hk_bytes, hk_bytes);
                 }
                 if (!src.v_trans) {
-                    uint8_t * vd = OV.bytes.data() + (size_t) j * V.row_bytes + h * dv * es_v;
+                    uint8_t * vd = OV.bytes.data() + (size_t) j * V.row_bytes + h * hv_bytes;
                     if (new_v) {
                         from_f32(V.type, new_v + ((size_t) l * budget + j) * V.n_embd + h * dv, vd, dv);
                     } else {
-                        std::memcpy(vd, V.bytes.data() + cell * V.row_bytes + h * dv * es_v, dv * es_v);
+                        std::memcpy(vd, V.bytes.data() + cell * V.row_bytes + h * hv_bytes, hv_bytes);
                     }
                 } else {
                     for (size_t e = h * dv; e < (h + 1) * dv; ++e) {
@@ -359,6 +372,8 @@ Stream compact_shared(const StreamView & view, const std::vector<int32_t> & keep
     Stream dst;
     dst.cell_count = (uint32_t) B;
     dst.v_trans = src.v_trans;
+    dst.rot_k = src.rot_k;
+    dst.rot_v = src.rot_v;
     dst.k.resize(src.k.size());
     dst.v.resize(src.v.size());
     for (size_t j = 0; j < B; ++j) {

@@ -36,6 +36,10 @@ struct Stream {
     std::vector<std::vector<int32_t>> seq_ids;   // per cell
     uint32_t v_trans = 0;
     std::vector<LayerRows> k, v;                 // per cache layer
+    // Walsh-Hadamard block llama.cpp rotated quantised K / V rows with before
+    // storing them (0: not rotated). Not in the blob: the caller sets it from
+    // the cache types and head size (quant.h hadamard_block_k/v).
+    int rot_k = 0, rot_v = 0;
 };
 
 struct MemoryPart {
@@ -61,7 +65,8 @@ struct StreamView {
     explicit StreamView(const Stream & st);
     int n_tokens() const { return (int) order.size(); }
     std::vector<int32_t> positions() const;
-    // [n_tokens][n_embd] float32 in position order.
+    // [n_tokens][n_embd] float32 in position order; quantised rows come back
+    // dequantised and, where the stream says so, un-rotated.
     std::vector<float> keys(int layer) const;
     std::vector<float> values(int layer) const;
 };
@@ -70,7 +75,9 @@ struct StreamView {
 // is the position-order index of the token that (layer l, KV head h) keeps in
 // slot j. Slots are labelled with positions label_end-budget+1 .. label_end.
 // new_k / new_v, when not null, give replacement float rows
-// [layer][slot][n_embd] written instead of the gathered originals.
+// [layer][slot][n_embd] written instead of the gathered originals (f16, bf16
+// and f32 caches only). Quantised rows are gathered block by block, byte for
+// byte, so each head's slice must be whole 32-value blocks.
 Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & keep,
                         int n_head_kv, int budget, int32_t label_end,
                         const float * new_k = nullptr, const float * new_v = nullptr);
