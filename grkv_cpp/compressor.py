@@ -14,7 +14,7 @@ from . import _native, kvstate
 from .apply import backend as apply_backend
 from .capture import GraphCapture
 from .errors import BadRequestError, CompressionError, NativeError
-from .loader import ModelInfo
+from .loader import CACHE_TYPES, QUANTIZED_CACHE_TYPES, ModelInfo
 from .merges import Merge
 from .methods import Method
 
@@ -133,22 +133,20 @@ def _context_inputs(method, info: ModelInfo, layers, positions, reread, n_prefix
     return queries, {"ctx": method.context_params(n_prefix), "rope": rope, "chunks": chunks}
 
 
-_QUANT_CODES = {"q8_0": 8, "q4_0": 2}
-
-
-def _set_rotation(state, info: ModelInfo) -> list[str]:
+def _set_rotation(state, info: ModelInfo, pi: dict) -> list[str]:
     """Tell the state which Walsh-Hadamard blocks llama.cpp rotated its
     quantised rows with, so that it reads them un-rotated; returns the
-    quantised types found (empty for f16/bf16/f32 caches)."""
-    pi = state.part_info(PART)
+    quantised types found (empty for f16/bf16/f32 caches). `pi`: the
+    compressed part's part_info."""
     kt, vt = pi.get("k_types", ["f16"])[0], pi.get("v_types", ["f16"])[0]
-    found = [t for t in dict.fromkeys((kt, vt)) if t in _QUANT_CODES]
+    found = [t for t in dict.fromkeys((kt, vt)) if t in QUANTIZED_CACHE_TYPES]
     if not found:
         return []
     flag = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "").strip()
     off = flag.lstrip("+-").isdigit() and int(flag) != 0  # llama.cpp reads it with atoi
-    rk = 0 if off or kt not in _QUANT_CODES else _native.hadamard_block_k(_QUANT_CODES[kt], info.head_dim)
-    rv = 0 if off or vt not in _QUANT_CODES else _native.hadamard_block_v(_QUANT_CODES[vt], info.head_dim)
+    # hadamard_block_* answer 0 for an unquantised type
+    rk = 0 if off else _native.hadamard_block_k(CACHE_TYPES.get(kt, -1), info.head_dim)
+    rv = 0 if off else _native.hadamard_block_v(CACHE_TYPES.get(vt, -1), info.head_dim)
     state.set_rotation(PART, rk, rv)
     return found
 
@@ -184,12 +182,12 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     t0 = time.perf_counter()
     be = apply_backend(backend)
     state = be.read(ctx)
-    quantized = _set_rotation(state, info)
+    info0 = state.part_info(PART)
+    quantized = _set_rotation(state, info, info0)
     if quantized and merge is not None:
         raise BadRequestError(f"merging ({merge.name}) on a {'/'.join(quantized)} KV cache is not supported yet: "
                               "evict only, or use an f16 cache")
     t_read = time.perf_counter() - t0
-    info0 = state.part_info(PART)
     n_cells = info0["n_cells"]
     if info0["n_layer"] != len(info.cache_layers):
         raise CompressionError(

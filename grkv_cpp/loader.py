@@ -18,7 +18,7 @@ from .errors import UnsupportedModelError
 
 SUPPORTED_ARCHS = set(ARCHS)
 
-_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}
+CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # name -> ggml type code
 QUANTIZED_CACHE_TYPES = {"q8_0", "q4_0"}
 
 
@@ -192,7 +192,7 @@ def open_llama(model_path: str | os.PathLike, *, callback=None, user_data: int |
     """Create a ``llama_cpp.Llama`` whose context carries ``callback`` as its
     eval callback (``Llama()`` has no argument for it) and whose model skips
     the extra buffer types when AMX kernels are compiled in."""
-    if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
+    if type_k not in CACHE_TYPES or type_v not in CACHE_TYPES:
         raise UnsupportedModelError(
             f"KV cache type {type_k}/{type_v} is not supported: grkv-cpp edits f16, bf16, f32, q8_0 and q4_0 caches"
         )
@@ -225,8 +225,8 @@ def open_llama(model_path: str | os.PathLike, *, callback=None, user_data: int |
     try:
         llm = llama_cpp.Llama(
             model_path=str(model_path),
-            type_k=_CACHE_TYPES[type_k],
-            type_v=_CACHE_TYPES[type_v],
+            type_k=CACHE_TYPES[type_k],
+            type_v=CACHE_TYPES[type_v],
             **kwargs,
         )
     finally:

@@ -63,8 +63,7 @@ class TerminalBar:
             self._phase = phase
             self._bar = tqdm(total=total, desc=phase, unit=self.UNITS.get(phase, "it"), file=self.file,
                              leave=False, delay=1.0, dynamic_ncols=True)
-        self._bar.n = done
-        self._bar.refresh() if done >= total else self._bar.update(0)
+        self._bar.update(done - self._bar.n)  # update() keeps tqdm's delay and refresh interval
         if done >= total:
             self.close()
 

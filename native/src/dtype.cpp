@@ -83,6 +83,19 @@ bool dtype_supported(int32_t t) {
     return t == (int32_t) DType::F32 || t == (int32_t) DType::F16 || t == (int32_t) DType::BF16;
 }
 
+bool dtype_row_unit(int32_t t, size_t & unit_bytes, size_t & unit_values) {
+    if (dtype_supported(t)) {
+        unit_bytes = dtype_size(t);
+        unit_values = 1;
+    } else if (quant_block_type(t)) {
+        unit_bytes = quant_block_bytes(t);
+        unit_values = QK;
+    } else {
+        return false;
+    }
+    return true;
+}
+
 const char * ggml_type_name_of(int32_t t) {
     switch (t) {
         case 0: return "f32";

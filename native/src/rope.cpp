@@ -11,12 +11,16 @@ double RopeParams::theta(int i) const {
     return freq_factors.empty() ? t : t / freq_factors[i];
 }
 
-void rope_rotate(float * x, const RopeParams & p, double delta) {
-    if (p.n_rot <= 0 || p.n_rot % 2) throw Error("RoPE n_rot must be even and positive");
-    const int half = p.n_rot / 2;
-    if (!p.freq_factors.empty() && (int) p.freq_factors.size() != half) {
+void RopeParams::check() const {
+    if (n_rot <= 0 || n_rot % 2) throw Error("RoPE n_rot must be even and positive");
+    if (!freq_factors.empty() && (int) freq_factors.size() != n_rot / 2) {
         throw Error("RoPE freq_factors must hold n_rot/2 values");
     }
+}
+
+void rope_rotate(float * x, const RopeParams & p, double delta) {
+    p.check();
+    const int half = p.n_rot / 2;
     for (int i = 0; i < half; ++i) {
         const double theta = delta * p.theta(i);
         const double c = std::cos(theta), s = std::sin(theta);

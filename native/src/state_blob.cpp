@@ -63,6 +63,15 @@ constexpr uint32_t kMaxLayers = 4096;
 constexpr uint32_t kMaxStreams = 256;
 constexpr uint32_t kMaxSeqPerCell = 256;
 
+// Values per row from its byte size; left 0 for types the core cannot read.
+void set_row_width(LayerRows & L, const char * what, const Reader & r) {
+    size_t ub = 0, uv = 0;
+    if (!dtype_row_unit(L.type, ub, uv)) return;
+    check(L.row_bytes % ub == 0, std::string(what) + " row size not a multiple of the element or block size",
+          r.offset());
+    L.n_embd = (uint32_t) (L.row_bytes / ub * uv);
+}
+
 Stream parse_stream(Reader & r) {
     Stream s;
     s.cell_count = r.get<uint32_t>("cell_count");
@@ -86,14 +95,7 @@ Stream parse_stream(Reader & r) {
         L.type = r.get<int32_t>("k_type");
         L.row_bytes = r.get<uint64_t>("k_row_bytes");
         check(L.row_bytes > 0 && L.row_bytes < (1u << 24), "k_row_bytes " + std::to_string(L.row_bytes), r.offset());
-        if (dtype_supported(L.type)) {
-            check(L.row_bytes % dtype_size(L.type) == 0, "k row size not a multiple of the element size", r.offset());
-            L.n_embd = (uint32_t) (L.row_bytes / dtype_size(L.type));
-        } else if (quant_block_type(L.type)) {
-            check(L.row_bytes % quant_block_bytes(L.type) == 0, "k row size not a multiple of the block size",
-                  r.offset());
-            L.n_embd = (uint32_t) (L.row_bytes / quant_block_bytes(L.type) * QK);
-        }
+        set_row_width(L, "k", r);
         r.bytes(L.bytes, L.row_bytes * s.cell_count, "K rows");
     }
     s.v.resize(n_layer);
@@ -102,14 +104,7 @@ Stream parse_stream(Reader & r) {
         if (!s.v_trans) {
             L.row_bytes = r.get<uint64_t>("v_row_bytes");
             check(L.row_bytes > 0 && L.row_bytes < (1u << 24), "v_row_bytes " + std::to_string(L.row_bytes), r.offset());
-            if (dtype_supported(L.type)) {
-                check(L.row_bytes % dtype_size(L.type) == 0, "v row size not a multiple of the element size", r.offset());
-                L.n_embd = (uint32_t) (L.row_bytes / dtype_size(L.type));
-            } else if (quant_block_type(L.type)) {
-                check(L.row_bytes % quant_block_bytes(L.type) == 0, "v row size not a multiple of the block size",
-                      r.offset());
-                L.n_embd = (uint32_t) (L.row_bytes / quant_block_bytes(L.type) * QK);
-            }
+            set_row_width(L, "v", r);
             r.bytes(L.bytes, L.row_bytes * s.cell_count, "V rows");
         } else {
             L.el_bytes = r.get<uint32_t>("v_el_bytes");
@@ -163,9 +158,11 @@ void require_editable(const Stream & s) {
 // Reading rows also works for q4_0/q8_0 caches (dequantised, in the cache's
 // Hadamard-rotated basis); editing them does not yet.
 void require_readable(const Stream & s) {
+    size_t ub, uv;
     for (size_t l = 0; l < s.k.size(); ++l) {
-        for (int32_t t : {s.k[l].type, s.v[l].type}) {
-            if (!dtype_supported(t) && !quant_block_type(t)) require_editable(s);
+        if (!dtype_row_unit(s.k[l].type, ub, uv) || !dtype_row_unit(s.v[l].type, ub, uv)) {
+            throw Error(std::string("cannot read a ") + ggml_type_name_of(s.k[l].type) + "/" +
+                        ggml_type_name_of(s.v[l].type) + " KV cache: grkv-cpp reads f16, bf16, f32, q8_0 and q4_0");
         }
     }
 }
@@ -310,15 +307,16 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
             throw Error("layer " + std::to_string(l) + ": K/V width not divisible by n_head_kv");
         }
         const size_t dk = K.n_embd / n_head_kv, dv = V.n_embd / n_head_kv;
-        // bytes of one head's slice: es_* per value, or whole blocks of a quantised row
-        const size_t es_k = quant_block_type(K.type) ? 0 : dtype_size(K.type);
-        const size_t es_v = quant_block_type(V.type) ? 0 : dtype_size(V.type);
-        if (!es_v && src.v_trans) throw Error("a quantised V cache is never transposed (it needs flash attention)");
-        if ((!es_k && dk % QK) || (!es_v && dv % QK)) {
+        // one head's slice is whole row units: elements, or a quantised row's 32-value blocks
+        size_t kub, kuv, vub, vuv;
+        dtype_row_unit(K.type, kub, kuv);  // readable: checked above
+        dtype_row_unit(V.type, vub, vuv);
+        if (vuv > 1 && src.v_trans) throw Error("a quantised V cache is never transposed (it needs flash attention)");
+        if (dk % kuv || dv % vuv) {
             throw Error("layer " + std::to_string(l) + ": a quantised head slice is not whole 32-value blocks");
         }
-        const size_t hk_bytes = es_k ? dk * es_k : dk / QK * quant_block_bytes(K.type);
-        const size_t hv_bytes = es_v ? dv * es_v : dv / QK * quant_block_bytes(V.type);
+        const size_t hk_bytes = dk / kuv * kub, hv_bytes = dv / vuv * vub;
+        const size_t es_v = vub;  // transposed V: one element per (dim, cell)
         const int32_t * kl = keep.data() + (size_t) l * n_head_kv * budget;
 
         LayerRows & OK = dst.k[l];

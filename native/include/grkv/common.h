@@ -16,6 +16,9 @@ enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 30 };
 
 bool dtype_supported(int32_t ggml_type);
 size_t dtype_size(int32_t ggml_type);        // element size in bytes; throws if unsupported
+// A row's smallest unit: one element (f32/f16/bf16) or one 32-value block
+// (q8_0/q4_0). False for types the core cannot read.
+bool dtype_row_unit(int32_t ggml_type, size_t & unit_bytes, size_t & unit_values);
 const char * ggml_type_name_of(int32_t ggml_type);  // for error messages
 
 // Conversions between a cache dtype and float32.

@@ -17,6 +17,8 @@ struct RopeParams {
 
     // Angle per unit position of pair i.
     double theta(int i) const;
+    // Throws unless n_rot is even and positive and freq_factors is empty or n_rot/2 long.
+    void check() const;
 };
 
 void rope_rotate(float * x, const RopeParams & p, double delta);

@@ -16,9 +16,7 @@ Scores score_expected(const LayerInput & in, const ContextParams & p) {
     if (p.n_future < 1) throw Error("expected attention: n_future must be >= 1");
     // E[exp(q.k)] over Gaussian queries is closed-form only without the tanh cap
     if (in.softcap > 0) throw Error("expected attention has no closed form under soft-capped logits (Gemma-2)");
-    if (!in.rope.freq_factors.empty() && (int) in.rope.freq_factors.size() != in.rope.n_rot / 2) {
-        throw Error("expected attention: RoPE freq_factors must hold n_rot/2 values");
-    }
+    in.rope.check();
     const int d = in.head_dim, T = in.T, G = in.n_head / in.n_head_kv, half = in.rope.n_rot / 2;
     const int n_sink = std::min(p.n_sink, T);
     const double next_pos = p.next_pos >= 0 ? p.next_pos : (double) in.pos[T - 1] + 1;
