@@ -493,16 +493,16 @@ PYBIND11_MODULE(_native, m) {
     m.def("hadamard_block_k", &hadamard_block_k, py::arg("type"), py::arg("head_dim"));
     m.def("hadamard_block_v", &hadamard_block_v, py::arg("type"), py::arg("head_dim"));
     m.def("f32_round_trip",
-          [](carray<float> x, const std::string & dtype) {
-              int32_t t = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : dtype == "f32" ? 0 : -1;
-              if (t < 0) throw Error("dtype must be f16, bf16 or f32");
-              std::vector<uint8_t> buf(x.size() * dtype_size(t));
-              std::vector<float> out(x.size());
-              from_f32(t, x.data(), buf.data(), x.size());
-              to_f32(t, buf.data(), out.data(), x.size());
+          [](carray<float> x, const std::string & dtype, int rot) {
+              std::vector<float> out(x.data(), x.data() + x.size());
+              const size_t n = x.ndim() ? (size_t) x.shape(x.ndim() - 1) : 1;  // row by row
+              const RowCodec c{ggml_type_from_name(dtype), rot};
+              for (size_t i = 0; n && i < out.size(); i += n) codec_round_trip(c, out.data() + i, n);
               std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
               return to_numpy(std::move(out), shape);
-          });
+          },
+          py::arg("x"), py::arg("dtype"), py::arg("rot") = 0,
+          "x as the cache would hold it: stored as dtype (rotated by a Hadamard block of `rot` first) and read back");
 
     py::class_<GrkvProblem>(m, "GrkvProblem")
         .def(py::init([](carray<float> q, carray<float> w, carray<uint8_t> vis, carray<float> ostar, carray<float> k0,
@@ -558,13 +558,14 @@ PYBIND11_MODULE(_native, m) {
         prm.cg_tol = tol;
         return to_numpy(grkv_key_step(p, K.data(), V.data(), prm), bd(p));
     }, py::arg("p"), py::arg("K"), py::arg("V"), py::arg("lam") = 0.01f, py::arg("iters") = 16, py::arg("tol") = 1e-6f);
-    m.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype) {
+    m.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype,
+                           int rot) {
         GrkvParams prm;
         prm.lambda = lam;
         prm.cap_v = cap_v;
         prm.cap_k = cap_k;
         prm.steps = steps;
-        prm.dtype = dtype == "f16" ? 1 : dtype == "bf16" ? 30 : 0;
+        prm.codec_k = prm.codec_v = RowCodec{ggml_type_from_name(dtype), rot};
         GrkvResult r = grkv_fit(p, prm);
         py::dict out;
         out["k"] = to_numpy(r.k, bd(p));
@@ -577,7 +578,7 @@ PYBIND11_MODULE(_native, m) {
         out["cand_v"] = cv;
         return out;
     }, py::arg("p"), py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f, py::arg("cap_k") = 0.025f, py::arg("steps") = 1,
-       py::arg("dtype") = "f32");
+       py::arg("dtype") = "f32", py::arg("rot") = 0);
     m.def("merge_head", [](const std::string & name, carray<float> k, carray<float> v, carray<int32_t> pos,
                            carray<int32_t> keep) {
         HeadKV h;

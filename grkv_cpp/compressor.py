@@ -183,10 +183,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     be = apply_backend(backend)
     state = be.read(ctx)
     info0 = state.part_info(PART)
-    quantized = _set_rotation(state, info, info0)
-    if quantized and merge is not None:
-        raise BadRequestError(f"merging ({merge.name}) on a {'/'.join(quantized)} KV cache is not supported yet: "
-                              "evict only, or use an f16 cache")
+    _set_rotation(state, info, info0)  # merged rows are written back rotated and requantised
     t_read = time.perf_counter() - t0
     n_cells = info0["n_cells"]
     if info0["n_layer"] != len(info.cache_layers):

@@ -1,8 +1,9 @@
-"""Eviction on q8_0 / q4_0 KV caches (issue 21, eviction only): every kept
-head slot holds its token's quantised blocks byte for byte, and llama.cpp's
-attention for new tokens over the compressed cache equals a float64 reference
-over the dequantised, un-rotated kept rows, within quantisation tolerance.
-Merges are refused on quantised caches."""
+"""Compression on q8_0 / q4_0 KV caches: every kept head slot that no merge
+touched holds its token's quantised blocks byte for byte; merged rows are
+written back rotated and requantised, and GRKV's safeguard judges them as
+stored; llama.cpp's attention for new tokens over the compressed cache equals
+a float64 reference over the dequantised, un-rotated kept rows, within
+quantisation tolerance. A quantised V without flash attention is refused."""
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from grkv_cpp import _native, kvstate
 from grkv_cpp.apply import patched_library
 from grkv_cpp.capture import ATTN_OUT, QUERIES
 from grkv_cpp.compressor import compress_cache
-from grkv_cpp.errors import BadRequestError, UnsupportedModelError
+from grkv_cpp.errors import UnsupportedModelError
 from grkv_cpp.llm import CompressedLlama
 from grkv_cpp.loader import quiet
 from grkv_cpp.methods import SnapKV, parse_method
@@ -103,15 +104,92 @@ def test_kept_blocks_are_byte_identical(model_path):
             assert q0 == q1
 
 
-def test_merges_and_unflashed_quantised_v_are_refused(model_path):
+def _prefilled(model_path, tk, tv, text, n_ctx=2048):
     with quiet():
-        m = CompressedLlama(model_path, n_ctx=1024, flash_attn=True, type_k="q8_0", type_v="q8_0")
-    m.compress("The grass is green. " * 30, method="knorm", ratio=0.5)
-    before = kvstate.get_blob(m.ctx)
+        m = CompressedLlama(model_path, n_ctx=n_ctx, flash_attn=True, type_k=tk, type_v=tv)
+    toks = m._tokens_for(text)
+    m._prefill(toks, 32)
+    return m, toks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", ["snapkv+grkv", "snapkv+merge", "knorm+pivot"])
+@pytest.mark.parametrize("tk,tv", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")])
+def test_merges_on_a_quantised_cache(model_path, tk, tv, spec, backend):
+    m, toks = _prefilled(model_path, tk, tv, "The grass is green. The sky is blue. The pass key is 4711. " * 20)
+    info, d, Hkv, H = m.info, m.info.head_dim, m.info.n_head_kv, m.info.n_head
+    blob0 = kvstate.get_blob(m.ctx)
+    method, merge = parse_method(spec)
+    res = compress_cache(m.ctx, info, method, merge=merge, ratio=0.3, capture=m.capture, backend=backend)
+    full, comp = _state(blob0, tk, tv, d), _state(kvstate.get_blob(m.ctx), tk, tv, d)
+    pos, B = full.positions(0), res.cells_after
+    rep = res.merge_report
+    if merge.name == "grkv":
+        choice = np.array(rep["choice"])
+        objs = np.stack([rep["obj_none"], rep["obj_v"], rep["obj_kv"]], 1)
+        chosen = objs[np.arange(len(choice)), choice]
+        assert (chosen <= objs[:, 0] * (1 + 1e-6)).all()  # judged on the requantised rows
+    n_changed = 0
+    for il in range(info.n_layer):
+        K0, V0 = full.keys(0, il).reshape(-1, Hkv, d), full.values(0, il).reshape(-1, Hkv, d)
+        K1, V1 = comp.keys(0, il).reshape(-1, Hkv, d), comp.values(0, il).reshape(-1, Hkv, d)
+        for h in range(Hkv):
+            keep = res.keep[il][h]
+            ck = (K1[:, h] != K0[keep, h]).any(1)
+            cv = (V1[:, h] != V0[keep, h]).any(1)
+            n_changed += int(cv.sum() + ck.sum())
+            if merge.name == "grkv":
+                win = pos[keep] >= len(toks) - merge.window
+                assert not (ck | cv)[win].any()  # GRKV's fixed window: untouched
+                if choice[il] == 0:
+                    assert not (ck | cv).any()
+            if merge.name == "merge":
+                assert not ck.any()  # value merging leaves keys as they were
+            # a changed row is what the cache type can hold: storing it again changes nothing
+            for X, t, ch, blk in ((K1, tk, ck, _native.hadamard_block_k(CODES[tk], d)),
+                                  (V1, tv, cv, _native.hadamard_block_v(CODES[tv], d))):
+                if ch.any():
+                    rows = np.ascontiguousarray(X[:B, h][ch])
+                    np.testing.assert_array_equal(_native.f32_round_trip(rows, t, blk), rows)
+    assert n_changed > 0  # the merge did write new rows
+    # new tokens attend over the stored (requantised) rows as the float64 reference says
+    new = m.tokenize(" What is the pass key", bos=False)[:N_NEW]
+    m.capture.set_targets([QUERIES, ATTN_OUT])
+    with m.capture.enabled():
+        m.llm.eval(new)
+    after = _state(kvstate.get_blob(m.ctx), tk, tv, d)
+    rv, G, errs = _native.hadamard_block_v(CODES[tv], d), H // Hkv, []
+    for il in range(info.n_layer):
+        K1, V1 = after.keys(0, il).reshape(-1, Hkv, d), after.values(0, il).reshape(-1, Hkv, d)
+        q = m.capture.rows(0, il)[-N_NEW:].reshape(N_NEW, H, d)
+        out = m.capture.rows(1, il)[-N_NEW:]
+        if rv:
+            out = _native.hadamard(np.ascontiguousarray(out), rv)
+        out = out.reshape(N_NEW, H, d)
+        for hq in range(H):
+            want = ref.attention(q[:, hq], K1[:, hq // G], V1[:, hq // G], info.attn_scale, causal_offset=B).numpy()
+            errs.append(np.linalg.norm(out[:, hq] - want) / np.linalg.norm(want))
+    assert np.median(errs) < 3e-2 and max(errs) < 8e-2, (np.median(errs), max(errs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tk", ["q8_0", "q4_0"])
+def test_grkv_lowers_the_objective_on_smollm2_quantised(smollm2_gguf, tk):
+    """On real weights the fit still pays after requantisation: the layers'
+    summed objective drops, and no layer gets worse."""
+    from grkv_cpp.texts import haystack, passkey_needle
+    m, toks = _prefilled(smollm2_gguf, tk, tk, haystack(16, [(0.4, passkey_needle(31337))]), n_ctx=1024)
     method, merge = parse_method("snapkv+grkv")
-    with pytest.raises(BadRequestError, match="merging .* q8_0 KV cache is not supported yet"):
-        compress_cache(m.ctx, m.info, method, merge=merge, ratio=0.5, capture=m.capture)
-    assert kvstate.get_blob(m.ctx) == before
+    res = compress_cache(m.ctx, m.info, method, merge=merge, ratio=0.3, capture=m.capture)
+    rep = res.merge_report
+    choice = np.array(rep["choice"])
+    objs = np.stack([rep["obj_none"], rep["obj_v"], rep["obj_kv"]], 1)
+    chosen = objs[np.arange(len(choice)), choice]
+    assert (chosen <= objs[:, 0] * (1 + 1e-6)).all()
+    assert chosen.sum() < 0.9 * objs[:, 0].sum(), (chosen.sum() / objs[:, 0].sum())
+
+
+def test_unflashed_quantised_v_is_refused(model_path):
     with pytest.raises(UnsupportedModelError, match="needs flash attention"):
         with quiet():
             CompressedLlama(model_path, n_ctx=256, type_v="q8_0")

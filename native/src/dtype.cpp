@@ -122,6 +122,13 @@ size_t dtype_size(int32_t t) {
     }
 }
 
+int32_t ggml_type_from_name(const std::string & name) {
+    for (int32_t t : {0, 1, 30, 8, 2}) {
+        if (name == ggml_type_name_of(t)) return t;
+    }
+    throw Error("unknown cache type '" + name + "' (f32, f16, bf16, q8_0, q4_0)");
+}
+
 void to_f32(int32_t t, const uint8_t * src, float * dst, size_t n) {
     if (t == 0) {
         std::memcpy(dst, src, n * 4);
@@ -148,17 +155,11 @@ void from_f32(int32_t t, const float * src, uint8_t * dst, size_t n) {
             const uint16_t h = bf ? float_to_bf16(src[i]) : float_to_half(src[i]);
             std::memcpy(dst + 2 * i, &h, 2);
         }
+    } else if (quant_block_type(t)) {
+        quantize_row(t, src, dst, n);
     } else {
         dtype_size(t);
     }
-}
-
-float round_trip(int32_t t, float x) {
-    uint8_t buf[4];
-    float y;
-    from_f32(t, &x, buf, 1);
-    to_f32(t, buf, &y, 1);
-    return y;
 }
 
 }  // namespace grkv

@@ -1,4 +1,6 @@
 #include "grkv/state_blob.h"
+
+#include "grkv/codec.h"
 #include "grkv/quant.h"
 
 #include <algorithm>
@@ -145,18 +147,8 @@ void write_stream(Writer & w, const Stream & s) {
     }
 }
 
-void require_editable(const Stream & s) {
-    for (size_t l = 0; l < s.k.size(); ++l) {
-        if (!dtype_supported(s.k[l].type) || !dtype_supported(s.v[l].type)) {
-            throw Error(std::string("cannot edit a ") + ggml_type_name_of(s.k[l].type) + "/" +
-                        ggml_type_name_of(s.v[l].type) +
-                        " KV cache: grkv-cpp edits f16, bf16 and f32 caches only (type_k/type_v)");
-        }
-    }
-}
-
-// Reading rows also works for q4_0/q8_0 caches (dequantised, in the cache's
-// Hadamard-rotated basis); editing them does not yet.
+// Rows of every type the core reads can be edited too: replacement rows go
+// through the layer's RowCodec (codec.h).
 void require_readable(const Stream & s) {
     size_t ub, uv;
     for (size_t l = 0; l < s.k.size(); ++l) {
@@ -276,7 +268,6 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
                         int32_t label_end, const float * new_k, const float * new_v) {
     const Stream & src = *view.s;
     require_readable(src);
-    if (new_k || new_v) require_editable(src);  // replacement rows are written through to/from f32
     const int L = (int) src.k.size();
     const int T = view.n_tokens();
     if (budget <= 0 || budget > T) throw Error("budget " + std::to_string(budget) + " outside [1, " + std::to_string(T) + "]");
@@ -326,22 +317,29 @@ Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & ke
         OV.type = V.type; OV.row_bytes = V.row_bytes; OV.el_bytes = V.el_bytes; OV.n_embd = V.n_embd;
         OV.bytes.resize((size_t) budget * (src.v_trans ? V.n_embd * es_v : V.row_bytes));
 
+        const RowCodec ck = row_codec(src, l, true), cv = row_codec(src, l, false);
+        std::vector<float> was(std::max(dk, dv));
+        // a replacement row equal to what the cell already decodes to keeps the
+        // cell's bytes: untouched slots stay bit-identical after requantisation
+        auto put = [&](const RowCodec & c, const float * row, const uint8_t * orig, uint8_t * dst, size_t n,
+                       size_t nbytes) {
+            if (row) {
+                codec_load(c, orig, was.data(), n);
+                if (std::memcmp(was.data(), row, n * sizeof(float)) != 0) return codec_store(c, row, dst, n);
+            }
+            std::memcpy(dst, orig, nbytes);
+        };
         for (int h = 0; h < n_head_kv; ++h) {
             for (int j = 0; j < budget; ++j) {
                 const size_t cell = (size_t) view.order[kl[(size_t) h * budget + j]];
-                uint8_t * kd = OK.bytes.data() + (size_t) j * K.row_bytes + h * hk_bytes;
-                if (new_k) {
-                    from_f32(K.type, new_k + ((size_t) l * budget + j) * K.n_embd + h * dk, kd, dk);
-                } else {
-                    std::memcpy(kd, K.bytes.data() + cell * K.row_bytes + h * hk_bytes, hk_bytes);
-                }
+                const size_t slot = (size_t) l * budget + j;
+                put(ck, new_k ? new_k + slot * K.n_embd + h * dk : nullptr,
+                    K.bytes.data() + cell * K.row_bytes + h * hk_bytes,
+                    OK.bytes.data() + (size_t) j * K.row_bytes + h * hk_bytes, dk, hk_bytes);
                 if (!src.v_trans) {
-                    uint8_t * vd = OV.bytes.data() + (size_t) j * V.row_bytes + h * hv_bytes;
-                    if (new_v) {
-                        from_f32(V.type, new_v + ((size_t) l * budget + j) * V.n_embd + h * dv, vd, dv);
-                    } else {
-                        std::memcpy(vd, V.bytes.data() + cell * V.row_bytes + h * hv_bytes, hv_bytes);
-                    }
+                    put(cv, new_v ? new_v + slot * V.n_embd + h * dv : nullptr,
+                        V.bytes.data() + cell * V.row_bytes + h * hv_bytes,
+                        OV.bytes.data() + (size_t) j * V.row_bytes + h * hv_bytes, dv, hv_bytes);
                 } else {
                     for (size_t e = h * dv; e < (h + 1) * dv; ++e) {
                         uint8_t * vd = OV.bytes.data() + (e * budget + j) * es_v;

@@ -20,11 +20,12 @@ size_t dtype_size(int32_t ggml_type);        // element size in bytes; throws if
 // (q8_0/q4_0). False for types the core cannot read.
 bool dtype_row_unit(int32_t ggml_type, size_t & unit_bytes, size_t & unit_values);
 const char * ggml_type_name_of(int32_t ggml_type);  // for error messages
+int32_t ggml_type_from_name(const std::string & name);  // "q8_0" -> 8; throws if the core cannot store it
 
-// Conversions between a cache dtype and float32.
+// Conversions between a cache dtype and float32 (q8_0/q4_0: whole blocks,
+// no rotation; codec.h adds it).
 void to_f32(int32_t ggml_type, const uint8_t * src, float * dst, size_t n);
 void from_f32(int32_t ggml_type, const float * src, uint8_t * dst, size_t n);
-float round_trip(int32_t ggml_type, float x);  // value after storing x in the cache dtype
 float f16_to_f32(uint16_t h);   // IEEE half, as ggml stores block scales
 uint16_t f32_to_f16(float f);   // round to nearest even
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "grkv/codec.h"
+
 namespace grkv {
 
 struct HeadKV {
@@ -42,7 +44,9 @@ struct GrkvParams {
     int cg_iters = 16;
     float cg_tol = 1e-6f;
     bool update_k = true;
-    int32_t dtype = 1;                     // cache dtype for rounding (ggml type)
+    // how the cache stores K and V: the fit is judged on the stored values
+    // (f16 rounding, or q8_0/q4_0 requantisation in the rotated basis)
+    RowCodec codec_k{1, 0}, codec_v{1, 0};
 };
 
 // One KV head's regression problem. Rows r = (query head g in the group, query j).
@@ -82,9 +86,10 @@ std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A,
                             const float * V, const float * U);
 // Gauss-Newton ridge step for K at (Kc, V): returns the new total offset K - K0.
 std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const float * V, const GrkvParams & prm);
-// X0 + dX on mutable rows, capped to cap*||X0_M|| after rounding to dtype.
+// X0 + dX on mutable rows, each row stored and read back through `codec`,
+// capped to cap*||X0_M|| after that storage; X0 if no step size gets there.
 std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vector<float> & dX,
-                                  const std::vector<uint8_t> & mut, int d, float cap, int32_t dtype);
+                                  const std::vector<uint8_t> & mut, int d, float cap, const RowCodec & codec);
 // All candidates of one head (safeguard is decided per layer by the caller).
 GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm);
 

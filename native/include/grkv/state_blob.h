@@ -75,9 +75,10 @@ struct StreamView {
 // is the position-order index of the token that (layer l, KV head h) keeps in
 // slot j. Slots are labelled with positions label_end-budget+1 .. label_end.
 // new_k / new_v, when not null, give replacement float rows
-// [layer][slot][n_embd] written instead of the gathered originals (f16, bf16
-// and f32 caches only). Quantised rows are gathered block by block, byte for
-// byte, so each head's slice must be whole 32-value blocks.
+// [layer][slot][n_embd] (un-rotated), stored through the layer's RowCodec
+// (quantised caches: rotated and requantised); a head slice equal to what its
+// cell already decodes to keeps the cell's bytes. Quantised rows move as
+// whole 32-value blocks, so each head's slice must be whole blocks.
 Stream compact_per_head(const StreamView & view, const std::vector<int32_t> & keep,
                         int n_head_kv, int budget, int32_t label_end,
                         const float * new_k = nullptr, const float * new_v = nullptr);

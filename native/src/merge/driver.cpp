@@ -148,7 +148,8 @@ void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, in
                     });
                     for (int i = 0; i < n_anchor; ++i) mut[prefix[i]] = 0;
                     GrkvParams gp = mp.grkv;
-                    gp.dtype = st.k[l].type;
+                    gp.codec_k = row_codec(st, l, true);
+                    gp.codec_v = row_codec(st, l, false);
                     const GrkvProblem p = build_problem(hk, h, G, req.surrogate[l], req.shape, mut);
                     fits.push_back(grkv_fit(p, gp));
                     rep.n_mutable[l] += (int) std::count(mut.begin(), mut.end(), 1);

@@ -240,7 +240,7 @@ std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const 
 }
 
 std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vector<float> & dX,
-                                  const std::vector<uint8_t> & mut, int d, float cap, int32_t dtype) {
+                                  const std::vector<uint8_t> & mut, int d, float cap, const RowCodec & codec) {
     double n0 = 0, nd = 0;
     for (size_t i = 0; i < X0.size(); ++i) {
         if (!mut[i / d]) continue;
@@ -252,18 +252,23 @@ std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vect
     double s = 1.0;
     if (cap > 0 && nd > 0) s = std::min(1.0, cap * n0 / nd);
     std::vector<float> X = X0;
+    const size_t B = X0.size() / d;
     for (int attempt = 0; attempt <= 4; ++attempt) {
         double nr = 0;
-        for (size_t i = 0; i < X0.size(); ++i) {
-            if (!mut[i / d]) continue;
-            X[i] = round_trip(dtype, (float) (X0[i] + s * dX[i]));
-            const double diff = (double) X[i] - X0[i];
-            nr += diff * diff;
+        for (size_t r = 0; r < B; ++r) {
+            if (!mut[r]) continue;
+            float * x = X.data() + r * d;
+            for (int e = 0; e < d; ++e) x[e] = (float) (X0[r * d + e] + s * dX[r * d + e]);
+            codec_round_trip(codec, x, d);  // a quantised row moves as whole blocks
+            for (int e = 0; e < d; ++e) {
+                const double diff = (double) x[e] - X0[r * d + e];
+                nr += diff * diff;
+            }
         }
         if (cap <= 0 || std::sqrt(nr) <= cap * n0) return X;
         s *= 0.9;
     }
-    return X0;  // rounding keeps pushing past the cap: leave the head unchanged
+    return X0;  // storage keeps pushing past the cap: leave the head unchanged
 }
 
 GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm) {
@@ -279,11 +284,11 @@ GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm) {
     std::vector<float> K = p.k0, V = p.v0;
     for (int step = 0; step < prm.steps; ++step) {
         const std::vector<float> dV = grkv_value_step(p, K.data(), prm.lambda);
-        V = grkv_cap_round(p.v0, dV, p.mut, d, prm.cap_v, prm.dtype);
+        V = grkv_cap_round(p.v0, dV, p.mut, d, prm.cap_v, prm.codec_v);
         add(K, V);
         if (prm.update_k) {
             std::vector<float> dK = grkv_key_step(p, K.data(), V.data(), prm);
-            K = grkv_cap_round(p.k0, dK, p.mut, d, prm.cap_k, prm.dtype);
+            K = grkv_cap_round(p.k0, dK, p.mut, d, prm.cap_k, prm.codec_k);
             add(K, V);
         }
     }
