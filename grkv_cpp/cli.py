@@ -30,6 +30,18 @@ def _check_method(ctx, param, value):
 
 
 # shared by every command that loads a model
+_CACHE_TYPES = ["f16", "bf16", "f32", "q8_0", "q4_0"]
+
+
+def _cache_type_options(f):
+    """llama.cpp's -ctk/-ctv and -fa: the cache's storage types."""
+    f = click.option("--flash-attn", "-fa", is_flag=True, help="Flash attention (needed by a quantized V cache).")(f)
+    f = click.option("--cache-type-v", "-ctv", "type_v", type=click.Choice(_CACHE_TYPES), default="f16",
+                     show_default=True, help="V cache type (quantized V needs --flash-attn).")(f)
+    return click.option("--cache-type-k", "-ctk", "type_k", type=click.Choice(_CACHE_TYPES), default="f16",
+                        show_default=True, help="K cache type; every method and merge runs on q8_0/q4_0.")(f)
+
+
 _gpu_layers_option = click.option(
     "--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
     help="Layers offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
@@ -177,11 +189,7 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
               help="With --decode-budget: the method scoring with the latest tokens' queries.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--flash-attn", "-fa", is_flag=True)
-@click.option("--cache-type-k", "-ctk", "type_k", type=click.Choice(["f16", "bf16", "f32", "q8_0", "q4_0"]),
-              default="f16", show_default=True, help="K cache type (quantized: eviction methods only, no merges).")
-@click.option("--cache-type-v", "-ctv", "type_v", type=click.Choice(["f16", "bf16", "f32", "q8_0", "q4_0"]),
-              default="f16", show_default=True, help="V cache type (quantized V needs --flash-attn).")
+@_cache_type_options
 @click.option("--threads", type=int, default=None)
 @_gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
@@ -272,9 +280,7 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
 @click.option("--ctx-size", "-c", "n_ctx", type=int, default=4096, show_default=True, help="Context cells.")
 @_gpu_layers_option
 @click.option("--threads", "-t", type=int, default=None)
-@click.option("--cache-type-k", "-ctk", "type_k", default="f16", show_default=True)
-@click.option("--cache-type-v", "-ctv", "type_v", default="f16", show_default=True)
-@click.option("--flash-attn", "-fa", is_flag=True)
+@_cache_type_options
 @click.option("--method", default="compactor", show_default=True, callback=_check_method,
               help=METHODS_HELP + " Per request: the body field grkv.method.")
 @click.option("--kv-ratio", type=float, default=None, help="Kept fraction of each document (default 0.5).")
@@ -370,14 +376,13 @@ def _ints(ctx, param, value):
 @click.option("--shard", default="0/1", show_default=True, callback=_shard,
               help="I/N: only context groups I, I+N, ... (run N processes on one --out to use N cores).")
 @click.option("--n-ctx", type=int, default=None, help="Context size (default: longest prompt + 512).")
-@click.option("--flash-attn", is_flag=True,
-              help="Flash attention (the V cache is then stored untransposed: fewer, larger state-blob copies).")
+@_cache_type_options
 @click.option("--threads", type=int, default=None)
 @_gpu_layers_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: data.jsonl (if generated), results.jsonl, summary.csv/.md, plots.")
 def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mode, kernel, window, shared, method_params,
-             chunk, limit, shard, n_ctx, flash_attn, threads, n_gpu_layers, out_dir):
+             chunk, limit, shard, n_ctx, flash_attn, type_k, type_v, threads, n_gpu_layers, out_dir):
     """Score against kept ratio on a JSON Lines dataset or generated RULER-style tasks."""
     from pathlib import Path
 
@@ -436,13 +441,16 @@ def eval_cmd(model, data, gen_tasks, lengths, samples, seed, methods, ratios, mo
         params.setdefault(name, {})[key] = value
     cfg = EvalConfig(methods=methods.split(","), ratios=ratios, mode=mode, chunk=chunk, params=params,
                      window=max(64, window or 0))
-    check_manifest(out, dict(data=digest, model=Path(path).stem, window=cfg.window, chunk=chunk, params=params,
-                             flash_attn=bool(flash_attn), default_max_new_tokens=cfg.default_max_new_tokens))
+    manifest = dict(data=digest, model=Path(path).stem, window=cfg.window, chunk=chunk, params=params,
+                    flash_attn=bool(flash_attn), default_max_new_tokens=cfg.default_max_new_tokens)
+    if (type_k, type_v) != ("f16", "f16"):  # f16 folders written before these flags stay resumable
+        manifest.update(type_k=type_k, type_v=type_v)
+    check_manifest(out, manifest)
     longest = _longest(rows, path)
     if any(x.split("+")[0] == "reconstruct" for x in methods.split(",")):
         longest += min(longest, 2048) + 64  # the re-read pass's chunk and prompt, after the context
     m = _model(model, n_ctx=n_ctx or longest + 512, flash_attn=flash_attn, n_threads=threads,
-               n_gpu_layers=n_gpu_layers)
+               n_gpu_layers=n_gpu_layers, type_k=type_k, type_v=type_v)
     i, n = shard
     own = out / ("results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl")
     others = dedupe([r for f in results_files(out) if f != own for r in load_results(f)], str(out))
