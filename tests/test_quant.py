@@ -119,3 +119,15 @@ def test_llama_cpp_stores_quantised_rows_in_the_rotated_basis(tmp_path, name, to
             err = np.linalg.norm(_native.hadamard(x1, block) - x0) / np.linalg.norm(x0)
             assert err < tol, err
             assert np.linalg.norm(x1 - x0) / np.linalg.norm(x0) > 0.5  # the stored basis is rotated
+
+
+def test_quantised_fuzz_seed_round_trips_byte_for_byte():
+    """The parser fuzz's q8_0-K / q4_0-V seed (written by llama.cpp from a
+    one-layer tiny model) parses as those types and serialises to its bytes."""
+    from pathlib import Path
+
+    blob = (Path(__file__).parent / "fuzz_corpus/blob/q8_0k_q4_0v.bin").read_bytes()
+    st = _native.SeqState(blob)
+    info = st.part_info(0)
+    assert info["k_types"] == ["q8_0"] and info["v_types"] == ["q4_0"] and info["n_cells"] == 6
+    assert st.serialize() == blob
