@@ -57,6 +57,29 @@ def test_read_equals_the_parsed_blob(tiny_gguf):
 
 
 @pytest.mark.slow
+def test_sliding_window_part_reads_as_the_blob(gemma3_gguf, monkeypatch):
+    """Gemma-3's SWA cache (swa_full: every cell stays allocated) holds cells
+    that slid out of the window; llama.cpp reuses them and the blob leaves
+    them out, and so does the in-place read: the same cells, bytes and
+    kv_bytes from either backend, before and after a compression."""
+    m = CompressedLlama(gemma3_gguf, n_ctx=2048)
+    m.prefill(haystack(60, [(0.4, passkey_needle(73914))]))
+    assert m.stats.context_tokens > 2 * m.info.n_swa
+    via_blob = BlobBackend().read(m.ctx)
+    in_place = InplaceBackend().read(m.ctx, part=None)
+    assert in_place.part_info(1)["n_cells"] == via_blob.part_info(1)["n_cells"] < m.stats.context_tokens
+    assert in_place.serialize() == via_blob.serialize()
+    st = m.prefill_state(haystack(60, [(0.4, passkey_needle(73914))]), window=ALL_QUERIES)
+    after = {}
+    for name in ("blob", "inplace"):
+        monkeypatch.setenv("GRKV_APPLY", name)
+        s = m.compress_state(st, method="compactor", ratio=0.5)
+        after[name] = (s.kv_bytes_before, s.kv_bytes_after)
+    assert after["inplace"] == after["blob"]
+    assert after["blob"][1] < after["blob"][0]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_real_models(which, request, monkeypatch):
     path = request.getfixturevalue(f"{which}_gguf")

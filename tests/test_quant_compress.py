@@ -193,3 +193,27 @@ def test_unflashed_quantised_v_is_refused(model_path):
     with pytest.raises(UnsupportedModelError, match="needs flash attention"):
         with quiet():
             CompressedLlama(model_path, n_ctx=256, type_v="q8_0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("tk", ["q8_0", "q4_0"])
+def test_passkey_on_quantised_caches(which, tk, request):
+    """The pass key survives a q8_0 / q4_0 cache, whole and compressed to
+    half by compactor and by compactor+grkv (merged rows requantised).
+    (SnapKV, query-agnostic, loses this key at half on f16 already.)"""
+    from grkv_cpp.methods.context import ALL_QUERIES
+    from grkv_cpp.texts import haystack, passkey_needle
+
+    path = request.getfixturevalue(f"{which}_gguf")
+    needle = passkey_needle(73914)
+    with quiet():
+        m = CompressedLlama(path, n_ctx=2048, flash_attn=True, type_k=tk, type_v=tk)
+    st = m.prefill_state(haystack(30, [(0.4, needle)]), window=ALL_QUERIES)
+    m.restore(st)
+    assert needle.answer in m.ask(needle.question, max_tokens=16)
+    for method in ("compactor", "compactor+grkv"):
+        stats = m.compress_state(st, method=method, ratio=0.5)
+        assert stats.kv_cells_after <= (stats.kv_cells_before + 1) // 2
+        answer = m.ask(needle.question, max_tokens=16)
+        assert needle.answer in answer, (method, answer)

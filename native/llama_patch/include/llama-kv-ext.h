@@ -64,6 +64,8 @@ LLAMA_API int32_t llama_kv_ext_get_layer(struct llama_context * ctx, int32_t par
 // The cells that hold sequence `seq` in part `part`, in ascending cell index,
 // with their positions. Fills up to `cap` entries of `cells` and `pos` (either
 // may be NULL when cap is 0) and returns the number of cells the sequence holds.
+// In a sliding-window part, cells masked for the sequence's last position are
+// left out (llama.cpp reuses them, and the state blob does not save them).
 // A cell shared with another sequence is LLAMA_KV_EXT_E_SEQ.
 LLAMA_API int32_t llama_kv_ext_seq_cells(struct llama_context * ctx, int32_t part, llama_seq_id seq,
                                          int32_t * cells, llama_pos * pos, int32_t cap);

@@ -104,6 +104,9 @@ int32_t llama_kv_cache::ext_seq_cells(llama_seq_id seq_id, int32_t * cells_out, 
     int32_t n = 0;
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (!cells.seq_has(i, seq_id)) continue;
+        // a cell outside the sliding window is free for reuse (find_slot takes it) and the
+        // state blob leaves it out; so do we, so that both backends see the same cells
+        if (llama_hparams::is_masked_swa(n_swa, swa_type, cells.pos_get(i), cells.seq_pos_max(seq_id))) continue;
         if (cells.seq_count(i) != 1) return LLAMA_KV_EXT_E_SEQ;
         if (n < cap) {
             cells_out[n] = (int32_t) i;

@@ -1,0 +1,104 @@
+"""Memory table: compression stacked on quantised KV caches at long contexts.
+
+For each model, context length and cache type (f16, q8_0, q4_0): the KV
+bytes the sequence holds and the bytes per context token, with the whole
+cache, compressed to each kept ratio after a full prefill, and under a
+budget (the bounded-memory chunked prefill, in a context sized for the
+budget). Also the K/V buffers llama.cpp allocated, which is what a budget
+saves and a ratio does not. Every row is a real run; the pass key hidden in
+the haystack is asked for as a sanity check. Writes JSON.
+
+    python scripts/bench_quant_memory.py --model smollm2 --tokens 4096,16384 --out results/quant_memory_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grkv_cpp import CompressedLlama
+from grkv_cpp.loader import quiet
+from grkv_cpp.methods.context import ALL_QUERIES
+from grkv_cpp.models import resolve_model
+from grkv_cpp.texts import haystack, passkey_needle
+
+
+def context_of(model: CompressedLlama, n_tokens: int) -> tuple[str, object]:
+    """A haystack whose templated prompt is close to (and at most) n_tokens."""
+    needle = passkey_needle(48213)
+    per = len(model.tokenize(haystack(100, [(0.5, needle)]), False)) / 100
+    n = int(n_tokens / per)
+    while n > 1 and len(model._tokens_for(haystack(n, [(0.5, needle)]))) > n_tokens:
+        n -= max(1, n // 200)
+    return haystack(n, [(0.5, needle)]), needle
+
+
+def row(model, tokens, cache, what, st, t0, needle, found):
+    return dict(tokens_target=tokens, cache=cache, kept=what, method=st.method, context_tokens=st.context_tokens,
+                cells=st.kv_cells_after, kv_bytes=st.kv_bytes_after,
+                bytes_per_token=st.kv_bytes_after / st.context_tokens, kv_buffer_bytes=st.kv_buffer_bytes,
+                pass_key_found=found, seconds=time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", default="4096,16384")
+    ap.add_argument("--types", default="f16,q8_0,q4_0")
+    ap.add_argument("--ratios", default="0.5,0.25")
+    ap.add_argument("--method", default="compactor")
+    ap.add_argument("--budget", type=float, default=0.25, help="budget as a fraction of the context")
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    path = resolve_model(a.model)
+    lengths = [int(x) for x in a.tokens.split(",")]
+    types = a.types.split(",")
+    ratios = [float(x) for x in a.ratios.split(",")]
+    rows = []
+    jobs = [(n, t) for n in lengths for t in types]
+    for n, t in tqdm(jobs, desc=f"memory {a.model}", unit="run"):
+        kw = dict(flash_attn=True, type_k=t, type_v=t, n_threads=a.threads)
+        with quiet():
+            m = CompressedLlama(path, n_ctx=n + 256, **kw)
+        text, needle = context_of(m, n)
+        t0 = time.perf_counter()
+        st = m.prefill_state(text, window=ALL_QUERIES)
+        full = m.restore(st)
+        rows.append(row(m, n, t, 1.0, full, t0, needle, needle.answer in m.ask(needle.question, max_tokens=12)))
+        tqdm.write(json.dumps(rows[-1]))
+        for r in ratios:
+            t0 = time.perf_counter()
+            s = m.compress_state(st, method=a.method, ratio=r)
+            rows.append(row(m, n, t, r, s, t0, needle, needle.answer in m.ask(needle.question, max_tokens=12)))
+            tqdm.write(json.dumps(rows[-1]))
+        del st
+        m.close()
+        budget = int(a.budget * n)
+        with quiet():
+            mb = CompressedLlama.for_budget(path, budget=budget, chunk=a.chunk, **kw)
+        t0 = time.perf_counter()
+        s = mb.compress_budgeted(text, budget=budget, chunk=a.chunk, method=a.method)
+        rows.append(row(mb, n, t, f"budget {budget}", s, t0, needle,
+                        needle.answer in mb.ask(needle.question, max_tokens=12)))
+        tqdm.write(json.dumps(rows[-1]))
+        mb.close()
+    for r in rows:  # against the f16 full cache of the same length
+        base = next((x for x in rows if x["tokens_target"] == r["tokens_target"] and x["cache"] == "f16"
+                     and x["kept"] == 1.0), None)
+        if base is None:
+            continue
+        r["of_f16_full"] = r["kv_bytes"] / base["kv_bytes"]
+        r["buffer_of_f16_full"] = r["kv_buffer_bytes"] / base["kv_buffer_bytes"]
+    out = dict(model=a.model, method=a.method, chunk=a.chunk, rows=rows)
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
