@@ -342,3 +342,30 @@ def test_cli_eval_refuses_to_resume_a_folder_of_another_run(tiny_gguf, tmp_path)
     assert (tmp_path / "o" / "results.jsonl").read_text() == before
     # a --limit run of the same file is the same run
     assert CliRunner().invoke(main, base + ["--data", str(d1), "--limit", "1"]).exit_code == 0
+
+
+def test_runs_compared_by_cache_type(tmp_path, capsys):
+    """Two folders that differ only in -ctk/-ctv: labelled by cache type, not
+    merged as duplicates, and paired question by question."""
+    from grkv_cpp.eval.report import load_runs, main as report_main, paired
+
+    for types, scores in ((None, [100.0, 100.0, 0.0, 0.0]), (("q8_0", "q8_0"), [100.0, 0.0, 0.0, 0.0]),
+                          (("q8_0", "f16"), [100.0, 100.0, 100.0, 0.0])):
+        d = tmp_path / ("-".join(types) if types else "f16")
+        d.mkdir()
+        man = {"data": "abc"} | ({"type_k": types[0], "type_v": types[1]} if types else {})
+        (d / "run.json").write_text(json.dumps(man))
+        rows = [dict(group=g, qid=0, task="t", method=m, ratio=r, mode="agnostic", score=s)
+                for g, s in enumerate(scores) for m, r in (("full", 1.0), ("compactor", 0.5))]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dirs = [tmp_path / "f16", tmp_path / "q8_0-q8_0", tmp_path / "q8_0-f16"]
+    rows = load_runs(dirs, by_cache=True)
+    assert len(rows) == 24
+    assert {r["method"] for r in rows} == {f"{m}[{c}]" for m in ("full", "compactor") for c in ("f16", "q8_0", "q8_0-f16")}
+    (p,) = paired(rows, "compactor[q8_0]", "compactor[f16]")
+    assert (p["n"], p["diff"], p["a_better"], p["b_better"]) == (4, -25.0, 0, 1)
+    (p,) = paired(rows, "compactor[q8_0-f16]", "full[f16]")  # a labelled full cache keeps its ratio-1 pairing
+    assert (p["ratio"], p["diff"]) == (0.5, 25.0)
+    report_main([*map(str, dirs), "--by-cache", "--out", str(tmp_path / "out"), "--paired",
+                 "compactor[q8_0]:compactor[f16]"])
+    assert "| compactor[q8_0] | compactor[f16] | 0.5 |" in capsys.readouterr().out

@@ -20,6 +20,11 @@ from pathlib import Path
 AVERAGE = "average"
 
 
+def _is_full(method: str) -> bool:
+    """`full`, or `full[q8_0]` when runs are labelled by cache type."""
+    return method.partition("[")[0] == "full"
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Mean score and count per (model, mode, task, method, ratio), plus the
     average over tasks (each task weighted equally)."""
@@ -55,11 +60,11 @@ def markdown(rows: list[dict]) -> str:
     out = []
     for model, mode in sorted({(r["model"], r["mode"]) for r in rows}):
         sel = [r for r in rows if r["model"] == model and r["mode"] == mode]
-        cols = sorted({(r["method"], r["ratio"]) for r in sel}, key=lambda c: (c[0] != "full", c[0], -c[1]))
+        cols = sorted({(r["method"], r["ratio"]) for r in sel}, key=lambda c: (not _is_full(c[0]), c[0], -c[1]))
         tasks = sorted({r["task"] for r in sel}, key=lambda t: (t == AVERAGE, t))
         cell = {(r["task"], r["method"], r["ratio"]): r for r in sel}
         out.append(f"**{model or 'model'}**, {mode}\n")
-        out.append("| task | " + " | ".join(m if m == "full" else f"{m} {q:g}" for m, q in cols) + " |")
+        out.append("| task | " + " | ".join(m if _is_full(m) else f"{m} {q:g}" for m, q in cols) + " |")
         out.append("|---|" + "---|" * len(cols))
         for t in tasks:
             vals = [f"{cell[(t, m, q)]['score']:.1f}" if (t, m, q) in cell else "" for m, q in cols]
@@ -88,8 +93,8 @@ def plot(rows: list[dict], path: Path, title: str = ""):
             pts = sorted((r["ratio"], r["score"]) for r in rows if r["task"] == task and r["method"] == m)
             if not pts:
                 continue
-            if m == "full":
-                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="full")
+            if _is_full(m):
+                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=m)
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         ax.set_title(task, fontweight="bold" if task == AVERAGE else None)
@@ -161,7 +166,7 @@ def paired(results: list[dict], a: str, b: str, n_boot: int = 10000, seed: int =
         raise ValueError(f"no rows for method {', '.join(missing)} (have: {', '.join(sorted(methods))})")
     out = []
     for (m, ratio, mode), sa in sorted(by.items(), key=lambda kv: (kv[0][2], -kv[0][1])):
-        kb = (b, 1.0 if b == "full" else ratio, b_mode or mode)
+        kb = (b, 1.0 if _is_full(b) else ratio, b_mode or mode)
         if m != a or (a_mode and mode != a_mode) or kb not in by:
             continue
         label = mode if kb[2] == mode else f"{mode} − {kb[2]}"
@@ -227,22 +232,35 @@ def times_markdown(rows: list[dict]) -> str:
             "once; `prefill_s` counts a shared prefill in every row).\n\n" + table)
 
 
-def load_runs(run_dirs: list[Path]) -> list[dict]:
+def cache_label(manifest: dict | None) -> str:
+    """A run's KV cache types as a label: `q8_0`, or K-V (`q8_0-f16`) for mixed types."""
+    tk, tv = ((manifest or {}).get(k, "f16") for k in ("type_k", "type_v"))
+    return tk if tk == tv else f"{tk}-{tv}"
+
+
+def load_runs(run_dirs: list[Path], by_cache: bool = False) -> list[dict]:
     """Rows of one or more run folders. Folders must come from the same data
-    file (their manifests' digests agree), since rows are keyed by group index."""
+    file (their manifests' digests agree), since rows are keyed by group index.
+    `by_cache`: each method is labelled with its folder's cache types,
+    `compactor[q8_0]`, so runs that differ only in the cache sit side by side."""
     from .harness import dedupe, load_run, read_manifest, results_files
 
-    digests = {}
+    digests, rows = {}, []
     for d in run_dirs:
         if not results_files(d):
             raise SystemExit(f"no results*.jsonl in {d}")
         manifest = read_manifest(d)
         if manifest is not None:  # folders from before manifests cannot be checked
             digests[str(d)] = manifest.get("data")
+        run = load_run(d)
+        if by_cache:
+            label = cache_label(manifest)
+            run = [dict(r, method=f"{r['method']}[{label}]") for r in run]
+        rows += run
     if len(set(digests.values())) > 1:
         raise SystemExit("run folders come from different data files: "
                          + ", ".join(f"{d} ({h[:12]})" for d, h in digests.items()))
-    return dedupe([r for d in run_dirs for r in load_run(d)], " + ".join(map(str, run_dirs)))
+    return dedupe(rows, " + ".join(map(str, run_dirs)))
 
 
 def main(argv=None):
@@ -264,10 +282,13 @@ def main(argv=None):
                     help="also print method A minus method B per ratio on the same questions, with a "
                          "95%% bootstrap interval and a sign-flip p-value (repeatable), e.g. snapkv+grkv:snapkv")
     ap.add_argument("--times", action="store_true", help="also print median seconds per question and their parts")
+    ap.add_argument("--by-cache", action="store_true",
+                    help="label each folder's methods with its KV cache types, e.g. compactor[q8_0], to compare "
+                         "runs that differ only in -ctk/-ctv (--paired 'compactor[q8_0]:compactor[f16]')")
     a = ap.parse_args(argv)
     if a.out is None and len(a.run_dirs) > 1:
         raise SystemExit("several run folders: say where the summary goes with --out")
-    results = load_runs(a.run_dirs)
+    results = load_runs(a.run_dirs, by_cache=a.by_cache)
     if a.methods:
         keep = {m.strip() for m in a.methods.split(",") if m.strip()}
         unknown = keep - {r["method"] for r in results}
