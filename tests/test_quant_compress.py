@@ -217,3 +217,37 @@ def test_passkey_on_quantised_caches(which, tk, request):
         assert stats.kv_cells_after <= (stats.kv_cells_before + 1) // 2
         answer = m.ask(needle.question, max_tokens=16)
         assert needle.answer in answer, (method, answer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_short_ruler_subset_on_quantised_caches(which, request, tmp_path):
+    """Four single-needle RULER questions (niah_single_1/2, 1K tokens) through
+    the eval harness on f16, q8_0 and q4_0 caches, whole and compressed to
+    half by compactor: a quantised full cache answers every question the f16
+    one does, and compression on a quantised cache loses at most one question
+    more than on f16 (the paired RULER runs in docs/results.md measure the
+    whole suites)."""
+    from grkv_cpp.eval import ruler
+    from grkv_cpp.eval.harness import EvalConfig, run_eval
+
+    path = request.getfixturevalue(f"{which}_gguf")
+    tok = ruler.gguf_tokenizer(path)
+    rows = [r for task in ("niah_single_1", "niah_single_2") for r in ruler.generate_task(task, tok, 1024, 2, seed=0)]
+    cfg = EvalConfig(methods=["full", "compactor"], ratios=[0.5], window=64)
+    scores = {}
+    for tk in ("f16", "q8_0", "q4_0"):
+        with quiet():
+            m = CompressedLlama(path, n_ctx=1536, flash_attn=True, type_k=tk, type_v=tk)
+        res = run_eval(m, rows, cfg, tmp_path / f"{tk}.jsonl", progress=False)
+        m.close()
+        assert len(res) == 8
+        for r in res:
+            scores[tk, r["method"], r["group"]] = r["score"]
+            if r["method"] == "compactor":
+                assert r["kv_cells"] == max(1, round(0.5 * r["context_tokens"]))
+    for tk in ("q8_0", "q4_0"):
+        for g in range(4):
+            assert scores[tk, "full", g] >= scores["f16", "full", g], (tk, g, scores)
+        lost = sum(scores["f16", "compactor", g] > scores[tk, "compactor", g] for g in range(4))
+        assert lost <= 1, (tk, scores)
