@@ -5,10 +5,18 @@ bytes the sequence holds and the bytes per context token, with the whole
 cache, compressed to each kept ratio after a full prefill, and under a
 budget (the bounded-memory chunked prefill, in a context sized for the
 budget). Also the K/V buffers llama.cpp allocated, which is what a budget
-saves and a ratio does not. Every row is a real run; the pass key hidden in
-the haystack is asked for as a sanity check. Writes JSON.
+saves and a ratio does not. Every measured row is a real run; the pass key
+hidden in the haystack is asked for as a sanity check. Writes JSON (after
+every row, so a stopped run keeps what it measured).
 
-    python scripts/bench_quant_memory.py --model smollm2 --tokens 4096,16384 --out results/quant_memory_smollm2.json
+`--derive q8_0,q4_0` skips those types' runs and derives their rows from
+the f16 rows of the same length: every cache layer holds the same cells
+whatever the type, so bytes scale by the type's bytes per value (q8_0 34/64
+of f16, q4_0 18/64). Rows measured beside a derivable f16 row are checked
+against the derivation (`derived_bytes_match`), which is how the rule is
+known to hold to the byte.
+
+    python scripts/bench_quant_memory.py --model smollm2 --tokens 4096 --out results/quant_memory_smollm2.json
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
 from grkv_cpp import CompressedLlama
@@ -44,6 +53,20 @@ def row(model, tokens, cache, what, st, t0, needle, found):
                 pass_key_found=found, seconds=time.perf_counter() - t0)
 
 
+def bytes_per_value(t: str) -> float:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]]
+    return size / block
+
+
+def derived(f16_row: dict, t: str) -> dict:
+    f = bytes_per_value(t) / bytes_per_value("f16")
+    r = dict(f16_row, cache=t, derived=True, pass_key_found=None, seconds=None)
+    for k in ("kv_bytes", "kv_buffer_bytes"):
+        r[k] = int(round(f16_row[k] * f))
+    r["bytes_per_token"] = r["kv_bytes"] / r["context_tokens"]
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -54,13 +77,24 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.25, help="budget as a fraction of the context")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--derive", default="", help="types derived from the f16 rows instead of run")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --out")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     path = resolve_model(a.model)
     lengths = [int(x) for x in a.tokens.split(",")]
-    types = a.types.split(",")
+    derive = [t for t in a.derive.split(",") if t]
+    types = [t for t in a.types.split(",") if t not in derive]
+    if derive and "f16" not in types:
+        raise SystemExit("--derive needs the f16 rows: keep f16 in --types")
     ratios = [float(x) for x in a.ratios.split(",")]
-    rows = []
+    rows = json.loads(a.out.read_text())["rows"] if a.append and a.out and a.out.exists() else []
+
+    def save():
+        if a.out:
+            a.out.write_text(json.dumps(dict(model=a.model, method=a.method, chunk=a.chunk, rows=finish(rows)),
+                                        indent=1))
+
     jobs = [(n, t) for n in lengths for t in types]
     for n, t in tqdm(jobs, desc=f"memory {a.model}", unit="run"):
         kw = dict(flash_attn=True, type_k=t, type_v=t, n_threads=a.threads)
@@ -88,16 +122,30 @@ def main(argv=None):
                         needle.answer in mb.ask(needle.question, max_tokens=12)))
         tqdm.write(json.dumps(rows[-1]))
         mb.close()
-    for r in rows:  # against the f16 full cache of the same length
+        save()
+    for n in lengths:
+        for t in derive:
+            rows += [derived(r, t) for r in rows
+                     if r["tokens_target"] == n and r["cache"] == "f16" and not r.get("derived")]
+    save()
+
+
+def finish(rows: list[dict]) -> list[dict]:
+    """Each row against the f16 full cache of its length; measured rows
+    checked against the rule the derived ones follow."""
+    for r in rows:
         base = next((x for x in rows if x["tokens_target"] == r["tokens_target"] and x["cache"] == "f16"
                      and x["kept"] == 1.0), None)
         if base is None:
             continue
         r["of_f16_full"] = r["kv_bytes"] / base["kv_bytes"]
         r["buffer_of_f16_full"] = r["kv_buffer_bytes"] / base["kv_buffer_bytes"]
-    out = dict(model=a.model, method=a.method, chunk=a.chunk, rows=rows)
-    if a.out:
-        a.out.write_text(json.dumps(out, indent=1))
+        twin = next((x for x in rows if x["tokens_target"] == r["tokens_target"] and x["cache"] == "f16"
+                     and x["kept"] == r["kept"] and not x.get("derived")), None)
+        if not r.get("derived") and r["cache"] != "f16" and twin is not None:
+            d = derived(twin, r["cache"])
+            r["derived_bytes_match"] = (d["kv_bytes"], d["kv_buffer_bytes"]) == (r["kv_bytes"], r["kv_buffer_bytes"])
+    return rows
 
 
 if __name__ == "__main__":
