@@ -80,7 +80,12 @@ def main(argv=None):
     ap.add_argument("--derive", default="", help="types derived from the f16 rows instead of run")
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="print the markdown table of results already written, and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        print(markdown([json.loads(p.read_text()) for p in a.table]))
+        return
     path = resolve_model(a.model)
     lengths = [int(x) for x in a.tokens.split(",")]
     derive = [t for t in a.derive.split(",") if t]
@@ -128,6 +133,24 @@ def main(argv=None):
             rows += [derived(r, t) for r in rows
                      if r["tokens_target"] == n and r["cache"] == "f16" and not r.get("derived")]
     save()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def markdown(results: list[dict]) -> str:
+    """One line per model, length, cache type and kept setting."""
+    lines = ["| model | tokens | cache | kept | cells | KV bytes | bytes/token | of f16 full | KV buffer | pass key |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            kept = f"{r['kept'] * 100:.0f}%" if isinstance(r["kept"], float) else r["kept"]
+            key = "derived" if r.get("derived") else ("found" if r["pass_key_found"] else "missed")
+            lines.append(f"| {res['model']} | {r['context_tokens']} | {r['cache']} | {kept} | {r['cells']} | "
+                         f"{_mb(r['kv_bytes'])} | {r['bytes_per_token']:.0f} | {r['of_f16_full'] * 100:.1f}% | "
+                         f"{_mb(r['kv_buffer_bytes'])} | {key} |")
+    return "\n".join(lines)
 
 
 def finish(rows: list[dict]) -> list[dict]:

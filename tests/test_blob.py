@@ -51,6 +51,12 @@ def test_truncated_and_corrupted_blobs_are_rejected(tiny_gguf):
     bad[8:12] = (100000).to_bytes(4, "little")
     with pytest.raises(NativeError, match="n_stream"):
         SeqState(bytes(bad))
+    # a plausible cell count the blob cannot hold is refused before anything is allocated for it
+    # (the parser fuzz under ASan found 2 GB going to one such header)
+    bad = bytearray(blob)
+    bad[12:16] = ((1 << 26) - 1).to_bytes(4, "little")
+    with pytest.raises(NativeError, match="needs more bytes than the blob has left"):
+        SeqState(bytes(bad))
     # trailing garbage is a truncated extra part
     with pytest.raises(NativeError):
         SeqState(blob + b"\x01\x00\x00\x00\xff")

@@ -29,6 +29,7 @@ public:
         off_ += n;
     }
     size_t offset() const { return off_; }
+    size_t left() const { return n_ - off_; }
     bool done() const { return off_ == n_; }
 
 private:
@@ -79,6 +80,11 @@ Stream parse_stream(Reader & r) {
     s.cell_count = r.get<uint32_t>("cell_count");
     check(s.cell_count <= kMaxCells, "cell_count " + std::to_string(s.cell_count) + " is implausible", r.offset());
     if (s.cell_count == 0) return s;
+    // each cell takes at least its position and sequence count: a corrupted count must
+    // not allocate gigabytes for a blob a few bytes long
+    check((uint64_t) s.cell_count * 8 <= r.left(),
+          "truncated: cell_count " + std::to_string(s.cell_count) + " needs more bytes than the blob has left (" +
+              std::to_string(r.left()) + ")", r.offset());
     s.pos.resize(s.cell_count);
     s.seq_ids.resize(s.cell_count);
     for (uint32_t c = 0; c < s.cell_count; ++c) {
