@@ -7,6 +7,9 @@ method and ratio compresses a restored copy of the full cache. Writes JSON.
     python scripts/bench_merge.py --models smollm2,gemma3 --lengths 1024,2048,4096 \\
         --ratios 0.5,0.25,0.1 --out results/merge.json
 
+A method may carry GRKV parameters after a slash, `snapkv+grkv/cg_iters=4`
+(several joined by `;`), to measure what a cheaper fit costs in error.
+
 Held-out queries are those of a question asked after the context (never seen
 by the fit). The error of layer l is ||O_comp - O_full|| / ||O_full|| over the
 question's tokens and all query heads, where O_comp is attention over each
@@ -20,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import llama_cpp.llama_cpp as L
 
-from grkv_cpp import kvstate
+from grkv_cpp import kvstate  # first: it points llama-cpp-python at the patched libllama
+import llama_cpp.llama_cpp as L  # noqa: E402
 from grkv_cpp._native import SeqState
 from grkv_cpp.capture import QUERIES
 from grkv_cpp.compressor import capture_positions, captured_queries, compress_cache
@@ -142,8 +145,12 @@ def main():
             nll_full = float(-lp_full[np.arange(len(cont)), tgt].mean())
             for ratio in map(float, a.ratios.split(",")):
                 for spec in a.methods.split(","):
-                    mspec, _, mode = spec.partition(":")
+                    spec_m, _, extra = spec.partition("/")  # snapkv+grkv/cg_iters=4: a merge parameter
+                    mspec, _, mode = spec_m.partition(":")
                     kw = {"query_mode": mode} if mode else {}
+                    for kv in filter(None, extra.split(";")):
+                        key, _, val = kv.partition("=")
+                        kw[key] = float(val) if "." in val or "e" in val else int(val)
                     meth, mrg = parse_method(mspec, **kw)
                     assert kvstate.set_blob(m.ctx, full_blob)
                     m.llm.n_tokens = T
