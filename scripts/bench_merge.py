@@ -150,7 +150,7 @@ def main():
                     kw = {"query_mode": mode} if mode else {}
                     for kv in filter(None, extra.split(";")):
                         key, _, val = kv.partition("=")
-                        kw[key] = float(val) if "." in val or "e" in val else int(val)
+                        kw[key] = json.loads(val)  # as `eval --param` reads values
                     meth, mrg = parse_method(mspec, **kw)
                     assert kvstate.set_blob(m.ctx, full_blob)
                     m.llm.n_tokens = T

@@ -46,7 +46,7 @@ def context_of(model: CompressedLlama, n_tokens: int) -> tuple[str, object]:
     return haystack(n, [(0.5, needle)]), needle
 
 
-def row(model, tokens, cache, what, st, t0, needle, found):
+def row(tokens, cache, what, st, t0, found):
     return dict(tokens_target=tokens, cache=cache, kept=what, method=st.method, context_tokens=st.context_tokens,
                 cells=st.kv_cells_after, kv_bytes=st.kv_bytes_after,
                 bytes_per_token=st.kv_bytes_after / st.context_tokens, kv_buffer_bytes=st.kv_buffer_bytes,
@@ -100,21 +100,24 @@ def main(argv=None):
             a.out.write_text(json.dumps(dict(model=a.model, method=a.method, chunk=a.chunk, rows=finish(rows)),
                                         indent=1))
 
+    contexts = {}  # per length: the tokenizer, not the cache type, decides the haystack
     jobs = [(n, t) for n in lengths for t in types]
     for n, t in tqdm(jobs, desc=f"memory {a.model}", unit="run"):
         kw = dict(flash_attn=True, type_k=t, type_v=t, n_threads=a.threads)
         with quiet():
             m = CompressedLlama(path, n_ctx=n + 256, **kw)
-        text, needle = context_of(m, n)
+        if n not in contexts:
+            contexts[n] = context_of(m, n)
+        text, needle = contexts[n]
         t0 = time.perf_counter()
         st = m.prefill_state(text, window=ALL_QUERIES)
         full = m.restore(st)
-        rows.append(row(m, n, t, 1.0, full, t0, needle, needle.answer in m.ask(needle.question, max_tokens=12)))
+        rows.append(row(n, t, 1.0, full, t0, needle.answer in m.ask(needle.question, max_tokens=12)))
         tqdm.write(json.dumps(rows[-1]))
         for r in ratios:
             t0 = time.perf_counter()
             s = m.compress_state(st, method=a.method, ratio=r)
-            rows.append(row(m, n, t, r, s, t0, needle, needle.answer in m.ask(needle.question, max_tokens=12)))
+            rows.append(row(n, t, r, s, t0, needle.answer in m.ask(needle.question, max_tokens=12)))
             tqdm.write(json.dumps(rows[-1]))
         del st
         m.close()
@@ -123,8 +126,7 @@ def main(argv=None):
             mb = CompressedLlama.for_budget(path, budget=budget, chunk=a.chunk, **kw)
         t0 = time.perf_counter()
         s = mb.compress_budgeted(text, budget=budget, chunk=a.chunk, method=a.method)
-        rows.append(row(mb, n, t, f"budget {budget}", s, t0, needle,
-                        needle.answer in mb.ask(needle.question, max_tokens=12)))
+        rows.append(row(n, t, f"budget {budget}", s, t0, needle.answer in mb.ask(needle.question, max_tokens=12)))
         tqdm.write(json.dumps(rows[-1]))
         mb.close()
         save()

@@ -63,6 +63,7 @@ def test_sliding_window_part_reads_as_the_blob(gemma3_gguf, monkeypatch):
     them out, and so does the in-place read: the same cells, bytes and
     kv_bytes from either backend, before and after a compression."""
     m = CompressedLlama(gemma3_gguf, n_ctx=2048)
+    # a real prefill, not a restored blob: only decoding leaves slid-out cells resident
     m.prefill(haystack(60, [(0.4, passkey_needle(73914))]))
     assert m.stats.context_tokens > 2 * m.info.n_swa
     via_blob = BlobBackend().read(m.ctx)
