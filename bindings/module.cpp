@@ -134,6 +134,16 @@ PYBIND11_MODULE(_native, m) {
         inplace_apply(api, reinterpret_cast<void *>(ctx), seq, st, part);
     }, py::arg("api"), py::arg("ctx"), py::arg("state"), py::arg("part") = 0, py::arg("seq") = 0);
 
+    py::class_<GrkvParams>(m, "GrkvParams")
+        .def(py::init<>())
+        .def_readwrite("lam", &GrkvParams::lambda)
+        .def_readwrite("cap_v", &GrkvParams::cap_v)
+        .def_readwrite("cap_k", &GrkvParams::cap_k)
+        .def_readwrite("steps", &GrkvParams::steps)
+        .def_readwrite("cg_iters", &GrkvParams::cg_iters)
+        .def_readwrite("cg_tol", &GrkvParams::cg_tol)
+        .def_readwrite("key_active", &GrkvParams::key_active)
+        .def_readwrite("update_k", &GrkvParams::update_k);
     py::class_<SeqState>(m, "SeqState")
         .def(py::init([](py::bytes b) {
                  std::string_view sv = b;
@@ -222,8 +232,7 @@ PYBIND11_MODULE(_native, m) {
         .def("compress",
              [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
                 float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
-                const std::string & merge, float lambda, float cap_v, float cap_k, int steps, bool update_k,
-                float guard, int cg_iters, const py::list & surrogate, int32_t window_start, int n_threads,
+                const std::string & merge, const GrkvParams & grkv, float guard, const py::list & surrogate, int32_t window_start, int n_threads,
                 float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
                 py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
                 float headwise_alpha, py::object key_pos, float softcap) {
@@ -257,12 +266,7 @@ PYBIND11_MODULE(_native, m) {
                  req.label_end = label_end;
                  req.merge.name = merge;
                  req.merge.guard = guard;
-                 req.merge.grkv.lambda = lambda;
-                 req.merge.grkv.cap_v = cap_v;
-                 req.merge.grkv.cap_k = cap_k;
-                 req.merge.grkv.steps = steps;
-                 req.merge.grkv.update_k = update_k;
-                 req.merge.grkv.cg_iters = cg_iters;
+                 req.merge.grkv = grkv;
                  for (auto item : surrogate) {
                      auto tup = item.cast<py::tuple>();
                      auto q = tup[0].cast<carray<float>>();
@@ -288,6 +292,12 @@ PYBIND11_MODULE(_native, m) {
                  rep["obj_v"] = out.report.obj_v;
                  rep["obj_kv"] = out.report.obj_kv;
                  rep["n_mutable"] = out.report.n_mutable;
+                 if (req.merge.name == "grkv") {
+                     const GrkvTiming & t = out.report.timing;
+                     rep["timing"] = py::dict(py::arg("teacher_s") = t.teacher_s, py::arg("student_s") = t.student_s,
+                                              py::arg("value_s") = t.value_s, py::arg("key_s") = t.key_s,
+                                              py::arg("cg_steps") = t.cg_steps);
+                 }
                  const int slots = out.slots;
                  if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, slots});
                  if (!out.headwise_count.empty()) {
@@ -297,9 +307,8 @@ PYBIND11_MODULE(_native, m) {
              },
              py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
              py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared"),
-             py::arg("label_end"), py::arg("merge") = "none", py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f,
-             py::arg("cap_k") = 0.025f, py::arg("steps") = 1, py::arg("update_k") = true, py::arg("guard") = 0.1f,
-             py::arg("cg_iters") = 16, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
+             py::arg("label_end"), py::arg("merge") = "none", py::arg("grkv") = GrkvParams{},
+             py::arg("guard") = 0.1f, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
              py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
              py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
              py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
@@ -551,13 +560,16 @@ PYBIND11_MODULE(_native, m) {
         grkv_student(p, K.data(), V.data(), A, O, &dA);
         return to_numpy(grkv_vjp(p, dA, O, V.data(), U.data()), bd(p));
     });
-    m.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol) {
+    m.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol,
+                                float key_active) {
         GrkvParams prm;
         prm.lambda = lam;
         prm.cg_iters = iters;
         prm.cg_tol = tol;
+        prm.key_active = key_active;
         return to_numpy(grkv_key_step(p, K.data(), V.data(), prm), bd(p));
-    }, py::arg("p"), py::arg("K"), py::arg("V"), py::arg("lam") = 0.01f, py::arg("iters") = 16, py::arg("tol") = 1e-6f);
+    }, py::arg("p"), py::arg("K"), py::arg("V"), py::arg("lam") = 0.01f, py::arg("iters") = 16, py::arg("tol") = 1e-6f,
+       py::arg("key_active") = 0.0f);
     m.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype,
                            int rot) {
         GrkvParams prm;

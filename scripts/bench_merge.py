@@ -166,7 +166,8 @@ def main():
                                heldout_err_mean=float(np.mean(errs)), heldout_err_per_layer=errs, kl=kl,
                                nll=nll, nll_full=nll_full, compress_s=res.seconds, prefill_s=prefill_plain,
                                prefill_capture_s=prefill_capture, compress_share=res.seconds / prefill_plain,
-                               grkv_choice=res.merge_report.get("choice"))
+                               grkv_choice=res.merge_report.get("choice"),
+                               grkv_timing=res.merge_report.get("timing"), apply=res.merge_report.get("apply"))
                     rows.append(row)
                     print(f"{name:8s} T={T:5d} r={ratio:.2f} {spec:24s} err={row['heldout_err_mean']:.4f} "
                           f"KL={kl:.4f} compress={res.seconds:.2f}s ({100 * row['compress_share']:.1f}% of "

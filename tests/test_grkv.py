@@ -80,8 +80,9 @@ def test_vjp_is_adjoint_of_jvp(seed, shape, softcap):
 
 @pytest.mark.parametrize("seed", range(2))
 @SOFTCAPS
-def test_key_step_matches_exact_gauss_newton(seed, softcap):
-    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=8, softcap=softcap)
+@pytest.mark.parametrize("Q", [6, 10])  # R = 12 < 2d: CG through Q Q^T; R = 20 >= 2d: through J^T u
+def test_key_step_matches_exact_gauss_newton(seed, softcap, Q):
+    pr = random_problem(seed, G=2, Q=Q, d=8, T=60, B=20, n_fixed=8, softcap=softcap)
     ref, p = Problem(**pr), native(pr)
     V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
     nat = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32), 0.01, 64, 1e-7)
@@ -90,6 +91,51 @@ def test_key_step_matches_exact_gauss_newton(seed, softcap):
     # 16 CG iterations (the default) already give most of the step
     nat16 = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32))
     assert rel(nat16, exact) < 0.2
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("moved", [False, True])
+def test_key_step_on_the_active_slots_is_gauss_newton_over_them(seed, moved):
+    """key_active: slots no surrogate query attends to (largest weight below
+    the threshold) stay where they are; the step over the others is the exact
+    Gauss-Newton step with those slots fixed."""
+    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=4)
+    ref, p = Problem(**pr), native(pr)
+    Kc = ref.k0.clone()
+    if moved:  # a later step starts from moved keys
+        Kc += 0.05 * torch.randn(Kc.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * ref.mut[:, None]
+    V1 = ref.v0 + ref.value_step(Kc, 0.01)
+    A, _ = ref.student(Kc, V1)
+    col = A.max(0).values
+    srt = col[ref.mut].sort().values
+    mid = len(srt) // 2
+    tau = float(srt[mid - 1] + srt[mid]) / 2  # between two slots: float rounding cannot flip one
+    active = ref.mut & (col >= tau)
+    assert 0 < int(active.sum()) < int(ref.mut.sum())
+    sub = dict(pr, mut=active.to(torch.uint8))
+    exact = Problem(**sub).key_step(Kc, V1, 0.01)  # offset of the active slots, 0 elsewhere
+    f32 = lambda x: x.numpy().astype(np.float32)  # noqa: E731
+    nat = _native.grkv_key_step(p, f32(Kc), f32(V1), 0.01, 64, 1e-7, key_active=tau)
+    a, inactive = active.numpy(), (ref.mut & ~active).numpy()
+    assert rel(nat[a], exact.numpy()[a]) < 1e-3
+    np.testing.assert_array_equal(nat[inactive], (f32(Kc) - f32(ref.k0))[inactive])
+    np.testing.assert_array_equal(nat[~ref.mut.numpy()], 0.0)
+
+
+def test_loose_cg_tolerance_stops_early_and_keeps_the_step():
+    """cg_tol stops CG once the residual falls below cg_tol * ||b||: at 0.1 the
+    step is already close to the exact one (what bench_merge measured on the
+    models), and a tolerance that cannot be met runs every iteration."""
+    pr = random_problem(0, G=2, Q=6, d=8, T=60, B=20, n_fixed=8)
+    ref, p = Problem(**pr), native(pr)
+    V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
+    K0, V1f = pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32)
+    exact = ref.key_step(ref.k0, V1, 0.01).numpy()
+    loose = _native.grkv_key_step(p, K0, V1f, 0.01, 64, 0.1)
+    tight = _native.grkv_key_step(p, K0, V1f, 0.01, 64, 1e-7)
+    assert rel(tight, exact) < 1e-3
+    assert rel(loose, exact) < 0.1
+    assert not np.array_equal(loose, tight)  # it did stop early
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from .. import _native
 from ..errors import BadRequestError
 from .base import Merge
 
@@ -31,7 +32,15 @@ class GRKV(Merge):
     steps: int = 1
     guard: float = 0.1
     update_k: bool = True
+    # CG stops at 3% relative residual: the step is capped at cap_k of ||K0||
+    # anyway, and bench_merge measured the held-out error unchanged against a
+    # converged solve (1e-6) at 37% less key-step time.
     cg_iters: int = 16
+    cg_tol: float = 0.03
+    # key step over the slots some surrogate query attends to (largest weight
+    # >= key_active); 0 moves every mutable slot. 3e-4 saved ~10% of the key
+    # step for +0.05% held-out error on SmolLM2 at 4K, so it stays off.
+    key_active: float = 0.0
     name = "grkv"
 
     def __post_init__(self):
@@ -55,5 +64,7 @@ class GRKV(Merge):
         return [(edges[i] + edges[i + 1] - 1) // 2 for i in range(q)]
 
     def native_args(self) -> dict:
-        return {"merge": "grkv", "lam": self.lam, "cap_v": self.cap_v, "cap_k": self.cap_k, "steps": self.steps,
-                "update_k": self.update_k, "guard": self.guard, "cg_iters": self.cg_iters}
+        p = _native.GrkvParams()
+        for f in ("lam", "cap_v", "cap_k", "steps", "update_k", "cg_iters", "cg_tol", "key_active"):
+            setattr(p, f, getattr(self, f))
+        return {"merge": "grkv", "grkv": p, "guard": self.guard}

@@ -76,6 +76,7 @@ struct MergeReport {
     std::vector<int> choice;                           // per layer: index into the candidates
     std::vector<double> obj_none, obj_v, obj_kv;       // per layer, summed over heads
     std::vector<int> n_mutable;                        // per layer, summed over heads
+    GrkvTiming timing;                                 // GRKV: seconds per phase, summed over layers
 };
 
 struct CompressRequest {

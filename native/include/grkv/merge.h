@@ -4,6 +4,7 @@
 // that head, the kept token indices (ascending, position order), and writes
 // the kept slots' new K/V. Fixed slots are returned unchanged.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -42,7 +43,8 @@ struct GrkvParams {
     float cap_v = 0.1f, cap_k = 0.025f;   // <= 0 disables a cap
     int steps = 1;
     int cg_iters = 16;
-    float cg_tol = 1e-6f;
+    float cg_tol = 0.03f;          // CG stops when the residual falls below cg_tol * ||b||
+    float key_active = 0.0f;       // key step: slots whose largest attention weight is below this stay fixed
     bool update_k = true;
     // how the cache stores K and V: the fit is judged on the stored values
     // (f16 rounding, or q8_0/q4_0 requantisation in the rotated basis)
@@ -90,7 +92,40 @@ std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const 
 // capped to cap*||X0_M|| after that storage; X0 if no step size gets there.
 std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vector<float> & dX,
                                   const std::vector<uint8_t> & mut, int d, float cap, const RowCodec & codec);
+// Seconds spent per phase of the fit (summed over heads, and over threads when
+// layers run in parallel): the benchmarks' breakdown of GRKV's cost.
+struct GrkvTiming {
+    double teacher_s = 0;   // full-cache attention on the surrogate queries (the driver's)
+    double student_s = 0;   // student attention and the candidates' objectives
+    double value_s = 0;     // value step: Gram matrix, R x R solve, caps and rounding
+    double key_s = 0;       // key step: Gauss-Newton CG, caps and rounding
+    long cg_steps = 0;      // CG iterations run
+    GrkvTiming & operator+=(const GrkvTiming & o) {
+        teacher_s += o.teacher_s;
+        student_s += o.student_s;
+        value_s += o.value_s;
+        key_s += o.key_s;
+        cg_steps += o.cg_steps;
+        return *this;
+    }
+};
+
+// Adds the time since the previous lap to one GrkvTiming field (no-op without one).
+class Stopwatch {
+public:
+    explicit Stopwatch(GrkvTiming * t) : t_(t), last_(std::chrono::steady_clock::now()) {}
+    void lap(double GrkvTiming::*field) {
+        const auto now = std::chrono::steady_clock::now();
+        if (t_) t_->*field += std::chrono::duration<double>(now - last_).count();
+        last_ = now;
+    }
+
+private:
+    GrkvTiming * t_;
+    std::chrono::steady_clock::time_point last_;
+};
+
 // All candidates of one head (safeguard is decided per layer by the caller).
-GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm);
+GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm, GrkvTiming * timing = nullptr);
 
 }  // namespace grkv

@@ -11,6 +11,8 @@
 #include "grkv/common.h"
 #include "grkv/compress.h"
 #include "grkv/softcap.h"
+#include "../gemm.h"
+#include "../softmax.h"
 
 namespace grkv {
 
@@ -39,47 +41,41 @@ GrkvProblem build_problem(const HeadKV & h, int kv_head, int G, const LayerSurro
             p.v0[(size_t) s * d + e] = h.kv(h.keep[s], e, false);
         }
     }
-    // this head's full K/V, contiguous, for the teacher
-    std::vector<float> Kh((size_t) h.T * d), Vh((size_t) h.T * d);
+    // The teacher: every surrogate row's attention over the head's full cache,
+    // as two products around a float softmax (O* = softmax(q K^T) V).
+    std::vector<float> Kt((size_t) d * h.T), Vh((size_t) h.T * d);
     for (int t = 0; t < h.T; ++t) {
         for (int e = 0; e < d; ++e) {
-            Kh[(size_t) t * d + e] = h.kv(t, e, true);
+            Kt[(size_t) e * h.T + t] = h.kv(t, e, true);
             Vh[(size_t) t * d + e] = h.kv(t, e, false);
         }
     }
-    std::vector<double> l(h.T);
     for (int g = 0; g < G; ++g) {
         for (int j = 0; j < n_q; ++j) {
             const int r = g * n_q + j;
             const float * q = sq.q.data() + ((size_t) j * n_head + (size_t) kv_head * G + g) * d;
             std::copy(q, q + d, p.q.begin() + (size_t) r * d);
-            // teacher: all visible tokens of the full cache
-            double mx = -1e300;
-            int n_vis = 0;
-            for (int t = 0; t < h.T; ++t) {
-                if (sq.causal && h.pos[t] > sq.qpos[j]) break;
-                float s = 0.0f;
-                const float * kt = Kh.data() + (size_t) t * d;
-#pragma omp simd reduction(+ : s)
-                for (int e = 0; e < d; ++e) s += q[e] * kt[e];
-                l[t] = soft_cap((double) s * shape.scale, (double) shape.softcap);
-                mx = std::max(mx, l[t]);
-                n_vis = t + 1;
-            }
-            double z = 0;
-            for (int t = 0; t < n_vis; ++t) z += (l[t] = std::exp(l[t] - mx));
-            float * o = p.ostar.data() + (size_t) r * d;
-            for (int t = 0; t < n_vis; ++t) {
-                const float a = (float) (l[t] / z);
-                const float * vt = Vh.data() + (size_t) t * d;
-#pragma omp simd
-                for (int e = 0; e < d; ++e) o[e] += a * vt[e];
-            }
-            if (sq.causal) {
-                for (int s = 0; s < h.B; ++s) p.vis[(size_t) r * h.B + s] = h.pos[h.keep[s]] <= sq.qpos[j];
-            }
         }
     }
+    std::vector<float> A((size_t) p.R * h.T);
+    gemm(p.R, h.T, d, p.q.data(), d, 1, Kt.data(), A.data());
+    for (int r = 0; r < p.R; ++r) {
+        const int j = r % n_q;
+        // positions ascend: the row sees a prefix of the cache
+        const int n_vis = sq.causal ? (int) (std::upper_bound(h.pos, h.pos + h.T, sq.qpos[j]) - h.pos) : h.T;
+        float * a = A.data() + (size_t) r * h.T;
+        if (shape.softcap > 0) {
+            for (int t = 0; t < n_vis; ++t) a[t] = soft_cap(a[t] * shape.scale, shape.softcap);
+            softmax_row(a, n_vis, 1.0f);
+        } else {
+            softmax_row(a, n_vis, shape.scale);
+        }
+        std::fill(a + n_vis, a + h.T, 0.0f);
+        if (sq.causal) {
+            for (int s = 0; s < h.B; ++s) p.vis[(size_t) r * h.B + s] = h.pos[h.keep[s]] <= sq.qpos[j];
+        }
+    }
+    gemm(p.R, d, h.T, A.data(), h.T, 1, Vh.data(), p.ostar.data());
     return p;
 }
 
@@ -114,6 +110,7 @@ void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, in
     for (int l = 0; l < L; ++l) {
         try {
             const std::vector<float> K = view.keys(l), V = view.values(l);
+            GrkvTiming timing;
             std::vector<GrkvResult> fits;
             std::vector<std::vector<float>> outk(n_head_kv), outv(n_head_kv);
             for (int h = 0; h < n_head_kv; ++h) {
@@ -150,8 +147,10 @@ void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, in
                     GrkvParams gp = mp.grkv;
                     gp.codec_k = row_codec(st, l, true);
                     gp.codec_v = row_codec(st, l, false);
+                    Stopwatch sw(&timing);
                     const GrkvProblem p = build_problem(hk, h, G, req.surrogate[l], req.shape, mut);
-                    fits.push_back(grkv_fit(p, gp));
+                    sw.lap(&GrkvTiming::teacher_s);
+                    fits.push_back(grkv_fit(p, gp, &timing));
                     rep.n_mutable[l] += (int) std::count(mut.begin(), mut.end(), 1);
                 }
             }
@@ -170,6 +169,8 @@ void merge_layers(const StreamView & view, const std::vector<int32_t> & keep, in
                     outk[h] = fits[h].cand_k[best];
                     outv[h] = fits[h].cand_v[best];
                 }
+                std::lock_guard<std::mutex> lk(mu);
+                rep.timing += timing;
             }
             for (int h = 0; h < n_head_kv; ++h) {
                 for (int s = 0; s < budget; ++s) {

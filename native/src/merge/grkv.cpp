@@ -9,7 +9,8 @@
 #include "grkv/merge.h"
 #include "grkv/softcap.h"
 #include "../linalg.h"
-#include "gemm.h"
+#include "../gemm.h"
+#include "../softmax.h"
 
 namespace grkv {
 namespace {
@@ -66,29 +67,31 @@ void grkv_student(const GrkvProblem & p, const float * K, const float * V, std::
             dA->resize((size_t) R * B);
             for (int s = 0; s < B; ++s) (*dA)[(size_t) r * B + s] = soft_cap_slope(p.scale * a[s], p.softcap);
         }
-        double mx = -std::numeric_limits<double>::infinity();
-        for (int s = 0; s < B; ++s) if (vis[s]) mx = std::max(mx, (double) p.scale * a[s]);
-        if (mx == -std::numeric_limits<double>::infinity()) {  // sees nothing
+        int n_vis = 0;
+        for (int s = 0; s < B; ++s) {
+            if (vis[s]) ++n_vis;
+            else a[s] = -std::numeric_limits<float>::infinity();
+        }
+        if (n_vis == 0) {  // sees nothing
             std::fill(a, a + B, 0.0f);
             if (dA) std::fill(dA->begin() + (size_t) r * B, dA->begin() + (size_t) (r + 1) * B, 0.0f);
             continue;
         }
-        double z = 0;
-        for (int s = 0; s < B; ++s) {
-            const double e = vis[s] ? std::exp((double) p.scale * a[s] - mx) : 0.0;
-            a[s] = (float) e;
-            z += e;
+        softmax_row(a, B, p.scale);  // masked logits are -inf: weight 0
+        if (dA) {
+            float * da = dA->data() + (size_t) r * B;
+#pragma omp simd
+            for (int s = 0; s < B; ++s) da[s] *= a[s];
         }
-        const float inv = (float) (1.0 / z);
-        for (int s = 0; s < B; ++s) a[s] *= inv;
-        if (dA) for (int s = 0; s < B; ++s) (*dA)[(size_t) r * B + s] *= a[s];
     }
     gemm(R, d, B, A.data(), B, 1, V, O.data());
 }
 
-double grkv_objective(const GrkvProblem & p, const float * K, const float * V, float lambda) {
-    std::vector<float> A, O;
-    grkv_student(p, K, V, A, O);
+namespace {
+
+// The objective of (K, V) given the student's output O at them.
+double objective_at(const GrkvProblem & p, const std::vector<float> & O, const float * K, const float * V,
+                    float lambda) {
     double L = 0;
     for (int r = 0; r < p.R; ++r) {
         double e = 0;
@@ -110,10 +113,10 @@ double grkv_objective(const GrkvProblem & p, const float * K, const float * V, f
     return L + lambda * reg;
 }
 
-std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float lambda) {
+// Value step given the student's weights A at K and its output O0 = A V0.
+std::vector<float> value_step_at(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O0,
+                                 float lambda) {
     const int R = p.R, B = p.B, d = p.d;
-    std::vector<float> A, O0;
-    grkv_student(p, K, p.v0.data(), A, O0);
     // At = sqrt(w) * A[:, M]; residual Rt = sqrt(w) * (O* - A V0)
     std::vector<float> At((size_t) R * B);
     std::vector<double> Rt((size_t) R * d);
@@ -124,10 +127,15 @@ std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float
             Rt[(size_t) r * d + c] = sw * ((double) p.ostar[(size_t) r * d + c] - O0[(size_t) r * d + c]);
         }
     }
+    // Gram matrix At At^T through the tiled product (float accumulation over B,
+    // then solved in double)
+    const std::vector<float> AtT = transpose(At.data(), R, B);  // [B][R]
+    std::vector<float> Mf((size_t) R * R);
+    gemm(R, R, B, At.data(), B, 1, AtT.data(), Mf.data());
     std::vector<double> M((size_t) R * R);
     for (int i = 0; i < R; ++i) {
         for (int j = 0; j <= i; ++j) {
-            const double s = dot(At.data() + (size_t) i * B, At.data() + (size_t) j * B, B);
+            const double s = 0.5 * ((double) Mf[(size_t) i * R + j] + Mf[(size_t) j * R + i]);
             M[(size_t) i * R + j] = M[(size_t) j * R + i] = s + (i == j ? lambda : 0.0);
         }
     }
@@ -136,6 +144,20 @@ std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float
     std::vector<float> dV((size_t) B * d);
     gemm(B, d, R, At.data(), 1, B, beta.data(), dV.data());  // At^T beta
     return dV;
+}
+
+}  // namespace
+
+double grkv_objective(const GrkvProblem & p, const float * K, const float * V, float lambda) {
+    std::vector<float> A, O;
+    grkv_student(p, K, V, A, O);
+    return objective_at(p, O, K, V, lambda);
+}
+
+std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float lambda) {
+    std::vector<float> A, O0;
+    grkv_student(p, K, p.v0.data(), A, O0);
+    return value_step_at(p, A, O0, lambda);
 }
 
 // JVP and VJP are two dense products each (gemm.h) around an elementwise
@@ -187,13 +209,52 @@ std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A,
     return out;
 }
 
-std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const float * V, const GrkvParams & prm) {
+namespace {
+
+// Key step given the student at (Kc, V): A its JVP/VJP weights (dA), O its output.
+// The step moves the active slots: the mutable ones whose largest weight
+// reaches prm.key_active. J's column for slot s scales with a_rs, so a slot
+// no surrogate query attends to adds almost nothing to J J^T and would barely
+// move; leaving it fixed shrinks every CG product by the share of such slots.
+std::vector<float> key_step_at(const GrkvProblem & p, const float * Kc, const float * V, const std::vector<float> & A,
+                               const std::vector<float> & O, const GrkvParams & prm, long * n_iter = nullptr) {
     const int R = p.R, B = p.B, d = p.d;
-    std::vector<float> A0, O, A;
-    grkv_student(p, Kc, V, A0, O, &A);  // A: the JVP/VJP weights
-    std::vector<float> c((size_t) B * d, 0.0f);
-    for (size_t i = 0; i < c.size(); ++i) c[i] = p.mut[i / d] ? Kc[i] - p.k0[i] : 0.0f;
-    const std::vector<float> Jc = grkv_jvp(p, A, O, V, c.data());
+    std::vector<int> act;
+    for (int s = 0; s < B; ++s) {
+        if (!p.mut[s]) continue;
+        float mx = 0.0f;
+        for (int r = 0; r < R; ++r) mx = std::max(mx, A[(size_t) r * B + s]);
+        if (mx >= prm.key_active) act.push_back(s);
+    }
+    // the problem restricted to the active slots (jvp/vjp read q, w, scale, mut)
+    GrkvProblem ps;
+    ps.R = R;
+    ps.B = (int) act.size();
+    ps.d = d;
+    ps.scale = p.scale;
+    ps.q = p.q;
+    ps.w = p.w;
+    ps.mut.assign(ps.B, 1);
+    std::vector<float> As((size_t) R * ps.B), Vs((size_t) ps.B * d), c((size_t) ps.B * d);
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < ps.B; ++i) As[(size_t) r * ps.B + i] = A[(size_t) r * B + act[i]];
+    for (int i = 0; i < ps.B; ++i) {
+        for (int e = 0; e < d; ++e) {
+            const size_t src = (size_t) act[i] * d + e;
+            Vs[(size_t) i * d + e] = V[src];
+            c[(size_t) i * d + e] = Kc[src] - p.k0[src];
+        }
+    }
+    // inactive mutable slots keep their offset; fixed slots have none
+    std::vector<float> offset((size_t) B * d, 0.0f);
+    for (int s = 0; s < B; ++s) {
+        if (!p.mut[s]) continue;
+        for (int e = 0; e < d; ++e) offset[(size_t) s * d + e] = Kc[(size_t) s * d + e] - p.k0[(size_t) s * d + e];
+    }
+    if (ps.B == 0) return offset;
+    // J c: zero on the first step, where K is still K0
+    const bool moved = std::any_of(c.begin(), c.end(), [](float x) { return x != 0.0f; });
+    const std::vector<float> Jc = moved ? grkv_jvp(ps, As, O, Vs.data(), c.data()) : std::vector<float>((size_t) R * d, 0.0f);
     std::vector<double> b((size_t) R * d);
     for (int r = 0; r < R; ++r) {
         const double sw = std::sqrt((double) p.w[r]);
@@ -202,41 +263,106 @@ std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const 
             b[i] = sw * ((double) p.ostar[i] - O[i]) + Jc[i];
         }
     }
-    // CG on (J J^T + lambda I) u = b
+    // CG on (J J^T + lambda I) u = b. J J^T u = jvp(vjp(u)); the product in the
+    // middle (q_r . sum_r' g_r's q_r') is (Q Q^T) g, an [R x R] x [R x B]
+    // product in place of two [R x B] x [B x d]-sized ones when R < 2d.
+    // (A Jacobi preconditioner was measured: no fewer iterations.)
     const size_t n = b.size();
+    const bool gram = R < 2 * d;
+    std::vector<float> Gq, Vt;
+    if (gram) {
+        const std::vector<float> Qt = transpose(p.q.data(), R, d);  // [d][R]
+        Gq.resize((size_t) R * R);
+        gemm(R, R, d, p.q.data(), d, 1, Qt.data(), Gq.data());
+        Vt = transpose(Vs.data(), ps.B, d);  // [d][B]
+    }
+    std::vector<float> g((size_t) R * ps.B), h((size_t) R * ps.B), jjt_f(n);
+    auto jjt = [&](const float * U) -> const std::vector<float> & {
+        if (!gram) {
+            const std::vector<float> jt = grkv_vjp(ps, As, O, Vs.data(), U);
+            jjt_f = grkv_jvp(ps, As, O, Vs.data(), jt.data());
+            return jjt_f;
+        }
+        gemm(R, ps.B, d, U, d, 1, Vt.data(), g.data());  // u_r . v_s
+        for (int r = 0; r < R; ++r) {
+            const float uo = dot(U + (size_t) r * d, O.data() + (size_t) r * d, d);
+            const float f = p.scale * std::sqrt(p.w[r]);
+            const float * a = As.data() + (size_t) r * ps.B;
+            float * gr = g.data() + (size_t) r * ps.B;
+#pragma omp simd
+            for (int i = 0; i < ps.B; ++i) gr[i] = f * a[i] * (gr[i] - uo);
+        }
+        gemm(R, ps.B, R, Gq.data(), R, 1, g.data(), h.data());  // q_r . (J^T u)_s
+        for (int r = 0; r < R; ++r) {
+            const float * a = As.data() + (size_t) r * ps.B;
+            float * hr = h.data() + (size_t) r * ps.B;
+            float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+            for (int i = 0; i < ps.B; ++i) {
+                hr[i] = a[i] * p.scale * hr[i];
+                t += hr[i];
+            }
+            g[r] = t;  // csum_r (g's first R entries are free now)
+        }
+        std::vector<float> csum(g.begin(), g.begin() + R);
+        gemm(R, d, ps.B, h.data(), ps.B, 1, Vs.data(), jjt_f.data());  // sum_s c_rs v_s
+        for (int r = 0; r < R; ++r) {
+            float * acc = jjt_f.data() + (size_t) r * d;
+            const float * o = O.data() + (size_t) r * d;
+            const float sw = std::sqrt(p.w[r]);
+            for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum[r] * o[e]);
+        }
+        return jjt_f;
+    };
     std::vector<double> x(n, 0.0), res = b, dir = b;
     std::vector<float> dirf(n);
-    double rs = 0, bnorm = 0;
-    for (size_t i = 0; i < n; ++i) rs += res[i] * res[i];
-    bnorm = std::sqrt(rs);
+    double rz = 0;
+    for (size_t i = 0; i < n; ++i) rz += res[i] * res[i];
+    const double bnorm = std::sqrt(rz);
+    int it = 0;
     if (bnorm > 0) {
-        for (int it = 0; it < prm.cg_iters; ++it) {
+        for (; it < prm.cg_iters; ++it) {
             for (size_t i = 0; i < n; ++i) dirf[i] = (float) dir[i];
-            const std::vector<float> jt = grkv_vjp(p, A, O, V, dirf.data());
-            const std::vector<float> jjt = grkv_jvp(p, A, O, V, jt.data());
+            const std::vector<float> & jj = jjt(dirf.data());
             double pAp = 0;
             std::vector<double> Ap(n);
             for (size_t i = 0; i < n; ++i) {
-                Ap[i] = jjt[i] + prm.lambda * dir[i];
+                Ap[i] = jj[i] + prm.lambda * dir[i];
                 pAp += dir[i] * Ap[i];
             }
             if (pAp <= 0) break;
-            const double alpha = rs / pAp;
-            double rs_new = 0;
+            const double alpha = rz / pAp;
+            double rr = 0;
             for (size_t i = 0; i < n; ++i) {
                 x[i] += alpha * dir[i];
                 res[i] -= alpha * Ap[i];
-                rs_new += res[i] * res[i];
+                rr += res[i] * res[i];
             }
-            if (std::sqrt(rs_new) <= prm.cg_tol * bnorm) break;
-            const double beta = rs_new / rs;
-            rs = rs_new;
+            if (std::sqrt(rr) <= prm.cg_tol * bnorm) {
+                ++it;
+                break;
+            }
+            const double beta = rr / rz;
+            rz = rr;
             for (size_t i = 0; i < n; ++i) dir[i] = res[i] + beta * dir[i];
         }
     }
+    if (n_iter) *n_iter += it;
     std::vector<float> xf(n);
     for (size_t i = 0; i < n; ++i) xf[i] = (float) x[i];
-    return grkv_vjp(p, A, O, V, xf.data());  // new total offset K - K0
+    const std::vector<float> step = grkv_vjp(ps, As, O, Vs.data(), xf.data());  // active slots' new offset K - K0
+    for (int i = 0; i < ps.B; ++i) {
+        std::copy(step.begin() + (size_t) i * d, step.begin() + (size_t) (i + 1) * d, offset.begin() + (size_t) act[i] * d);
+    }
+    return offset;
+}
+
+}  // namespace
+
+std::vector<float> grkv_key_step(const GrkvProblem & p, const float * Kc, const float * V, const GrkvParams & prm) {
+    std::vector<float> A, O, dA;
+    grkv_student(p, Kc, V, A, O, &dA);
+    return key_step_at(p, Kc, V, dA, O, prm);
 }
 
 std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vector<float> & dX,
@@ -271,25 +397,38 @@ std::vector<float> grkv_cap_round(const std::vector<float> & X0, const std::vect
     return X0;  // storage keeps pushing past the cap: leave the head unchanged
 }
 
-GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm) {
+GrkvResult grkv_fit(const GrkvProblem & p, const GrkvParams & prm, GrkvTiming * timing) {
     if (prm.steps < 1) throw Error("GRKV steps must be >= 1");
     GrkvResult res;
-    const int d = p.d;
-    auto add = [&](const std::vector<float> & K, const std::vector<float> & V) {
-        res.cand_k.push_back(K);
-        res.cand_v.push_back(V);
-        res.cand_obj.push_back(grkv_objective(p, K.data(), V.data(), prm.lambda));
-    };
-    add(p.k0, p.v0);
+    const int R = p.R, B = p.B, d = p.d;
+    Stopwatch sw(timing);
+    // The student's weights depend on K alone, so one softmax per K serves the
+    // candidates' objectives, the value step (at V0) and the key step (at V).
+    std::vector<float> A, dA, O;
     std::vector<float> K = p.k0, V = p.v0;
+    grkv_student(p, K.data(), V.data(), A, O, &dA);
+    auto add = [&](const std::vector<float> & Kx, const std::vector<float> & Vx, const std::vector<float> & Ox) {
+        res.cand_k.push_back(Kx);
+        res.cand_v.push_back(Vx);
+        res.cand_obj.push_back(objective_at(p, Ox, Kx.data(), Vx.data(), prm.lambda));
+    };
+    add(K, V, O);
+    sw.lap(&GrkvTiming::student_s);
     for (int step = 0; step < prm.steps; ++step) {
-        const std::vector<float> dV = grkv_value_step(p, K.data(), prm.lambda);
+        std::vector<float> O0 = O;  // A V0
+        if (step > 0) gemm(R, d, B, A.data(), B, 1, p.v0.data(), O0.data());
+        const std::vector<float> dV = value_step_at(p, A, O0, prm.lambda);
         V = grkv_cap_round(p.v0, dV, p.mut, d, prm.cap_v, prm.codec_v);
-        add(K, V);
+        gemm(R, d, B, A.data(), B, 1, V.data(), O.data());  // the student at (K, V)
+        add(K, V, O);
+        sw.lap(&GrkvTiming::value_s);
         if (prm.update_k) {
-            std::vector<float> dK = grkv_key_step(p, K.data(), V.data(), prm);
+            std::vector<float> dK = key_step_at(p, K.data(), V.data(), dA, O, prm, timing ? &timing->cg_steps : nullptr);
             K = grkv_cap_round(p.k0, dK, p.mut, d, prm.cap_k, prm.codec_k);
-            add(K, V);
+            sw.lap(&GrkvTiming::key_s);
+            grkv_student(p, K.data(), V.data(), A, O, &dA);
+            add(K, V, O);
+            sw.lap(&GrkvTiming::student_s);
         }
     }
     res.obj_none = res.cand_obj[0];

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "../linalg.h"
-#include "../merge/gemm.h"
+#include "../gemm.h"
 #include "context_common.h"
 #include "grkv/softcap.h"
 

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../merge/gemm.h"
+#include "../gemm.h"
 #include "context_common.h"
 
 namespace grkv {

@@ -62,18 +62,18 @@ Scores score_gkv(const LayerInput & in, const float * hist, const GkvParams & p,
     Scores sc = window_protected_scores(in, prefix);
     if (global) global->assign((size_t) in.n_head_kv * T, 0.0f);
 
-    std::vector<float> logits(T), grp(T), loc(T), red(std::max(prefix, 1));
+    std::vector<float> P, grp(T), loc(T), red(std::max(prefix, 1));
     for (int hk = 0; hk < in.n_head_kv; ++hk) {
         // local: per window query, max over the GQA group of the softmax; mean over queries
+        window_attention(in, hk, P);
         std::fill(loc.begin(), loc.end(), 0.0f);
         for (int j = 0; j < in.w; ++j) {
             std::fill(grp.begin(), grp.end(), 0.0f);
-            int n_vis = 0;
             for (int g = 0; g < G; ++g) {
-                n_vis = window_softmax(in, j, hk * G + g, hk, logits.data());
-                for (int t = 0; t < n_vis; ++t) grp[t] = std::max(grp[t], logits[t]);
+                const float * p = P.data() + (size_t) (g * in.w + j) * T;
+                for (int t = 0; t < T; ++t) grp[t] = std::max(grp[t], p[t]);
             }
-            for (int t = 0; t < n_vis; ++t) loc[t] += grp[t] / (float) in.w;
+            for (int t = 0; t < T; ++t) loc[t] += grp[t] / (float) in.w;
         }
         float lmax = 0.0f;
         for (int t = 0; t < prefix; ++t) lmax = std::max(lmax, loc[t]);

@@ -24,13 +24,14 @@ Scores score_laser(const LayerInput & in, int n_sink, int n_local) {
     sc.protect.assign(T, 0);
     for (int t = 0; t < std::min(n_sink, T); ++t) sc.protect[t] = 1;           // anchors
     for (int t = std::max(0, T - n_local); t < T; ++t) sc.protect[t] = 1;      // local window
-    std::vector<float> logits(T);
-    for (int hq = 0; hq < in.n_head; ++hq) {
-        const int hk = hq / G;
+    std::vector<float> P;
+    for (int hk = 0; hk < in.n_head_kv; ++hk) {
+        window_attention(in, hk, P);
         float * out = sc.s.data() + (size_t) hk * T;
-        for (int j = 0; j < in.w; ++j) {
-            const int n_vis = window_softmax(in, j, hq, hk, logits.data());
-            for (int t = 0; t < n_vis; ++t) out[t] += logits[t];
+        for (int r = 0; r < G * in.w; ++r) {
+            const float * p = P.data() + (size_t) r * T;
+#pragma omp simd
+            for (int t = 0; t < T; ++t) out[t] += p[t];
         }
     }
     return sc;

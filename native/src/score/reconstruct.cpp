@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../merge/gemm.h"
+#include "../gemm.h"
 #include "context_common.h"
 #include "grkv/softcap.h"
 

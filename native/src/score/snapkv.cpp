@@ -18,27 +18,30 @@ Scores score_snapkv(const LayerInput & in, int kernel, bool max_pool) {
     int prefix = 0;
     Scores sc = window_protected_scores(in, prefix);
 
-    std::vector<float> attn_sum(T), logits(T);
+    std::vector<float> attn_sum(T), P;
     std::vector<float> pooled(prefix);
-    for (int hq = 0; hq < in.n_head; ++hq) {
-        const int hk = hq / G;
-        std::fill(attn_sum.begin(), attn_sum.end(), 0.0f);
-        for (int j = 0; j < in.w; ++j) {
-            const int n_vis = window_softmax(in, j, hq, hk, logits.data());
-            for (int t = 0; t < n_vis; ++t) attn_sum[t] += logits[t];
-        }
-        // mean over window queries, then pool over positions: average with zero
-        // padding (count_include_pad, as kvpress) or max (original SnapKV option)
-        const int r = kernel / 2;
-        for (int t = 0; t < prefix; ++t) {
-            float acc = 0.0f;
-            for (int u = std::max(0, t - r); u <= std::min(prefix - 1, t + r); ++u) {
-                acc = max_pool ? std::max(acc, attn_sum[u]) : acc + attn_sum[u];
+    for (int hk = 0; hk < in.n_head_kv; ++hk) {
+        window_attention(in, hk, P);
+        for (int g = 0; g < G; ++g) {
+            std::fill(attn_sum.begin(), attn_sum.end(), 0.0f);
+            for (int j = 0; j < in.w; ++j) {
+                const float * p = P.data() + (size_t) (g * in.w + j) * T;
+#pragma omp simd
+                for (int t = 0; t < T; ++t) attn_sum[t] += p[t];
             }
-            pooled[t] = acc / (float) ((max_pool ? 1 : kernel) * in.w);
+            // mean over window queries, then pool over positions: average with zero
+            // padding (count_include_pad, as kvpress) or max (original SnapKV option)
+            const int r = kernel / 2;
+            for (int t = 0; t < prefix; ++t) {
+                float acc = 0.0f;
+                for (int u = std::max(0, t - r); u <= std::min(prefix - 1, t + r); ++u) {
+                    acc = max_pool ? std::max(acc, attn_sum[u]) : acc + attn_sum[u];
+                }
+                pooled[t] = acc / (float) ((max_pool ? 1 : kernel) * in.w);
+            }
+            float * out = sc.s.data() + (size_t) hk * T;
+            for (int t = 0; t < prefix; ++t) out[t] += pooled[t] / (float) G;
         }
-        float * out = sc.s.data() + (size_t) hk * T;
-        for (int t = 0; t < prefix; ++t) out[t] += pooled[t] / (float) G;
     }
     // Window tokens rank above every prefix token (they are protected anyway).
     for (int hk = 0; hk < in.n_head_kv; ++hk) {

@@ -1,4 +1,4 @@
-// Small dense products for GRKV's Jacobian products (internal to merge/).
+// Small dense products: GRKV's Jacobian products and teacher, and the scorers' attention.
 // The key step's conjugate gradient spends almost all its time in four
 // [R x d] x [d x B]-shaped products per iteration; a register-tiled kernel
 // over packed panels runs them near the FMA units' rate. Packing matters:
