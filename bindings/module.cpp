@@ -11,6 +11,9 @@
 #include "grkv/capture.h"
 #include "grkv/common.h"
 #include "grkv/compress.h"
+#ifdef GRKV_HAVE_GRAPH
+#include "grkv/graph.h"
+#endif
 #include "grkv/merge.h"
 #include "grkv/quant.h"
 #include "grkv/rope.h"
@@ -198,6 +201,22 @@ PYBIND11_MODULE(_native, m) {
                  }
                  return d;
              }, py::arg("part"))
+        .def("apply_keep",
+             [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end) {
+                 if (keep.ndim() != 3) throw Error("keep must be [n_layer, n_head_kv, budget]");
+                 Stream & st = active_mut(s, part);
+                 if ((size_t) keep.shape(0) != st.k.size()) throw Error("keep has the wrong number of layers");
+                 const int Hkv = (int) keep.shape(1), budget = (int) keep.shape(2);
+                 StreamView view(st);
+                 const std::vector<int32_t> k(keep.data(), keep.data() + keep.size());
+                 for (int32_t t : k) {
+                     if (t < 0 || t >= view.n_tokens()) throw Error("keep names a token the cache does not hold");
+                 }
+                 Stream ns = compact_per_head(view, k, Hkv, budget, label_end);
+                 st = std::move(ns);
+             },
+             py::arg("part"), py::arg("keep"), py::arg("label_end"),
+             "Rebuild part `part` keeping keep[l, h, :] (position-order token indices) per head, the layout compress() writes")
         .def("positions", [](const SeqState & s, int part) {
                  StreamView v(active(s, part));
                  return to_numpy(v.positions(), {(py::ssize_t) v.n_tokens()});
@@ -453,6 +472,61 @@ PYBIND11_MODULE(_native, m) {
           py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("kernel") = 5, py::arg("n_sink") = 4,
           py::arg("hist") = py::none(), py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
           py::arg("sim_threshold") = 0.5f, py::arg("softcap") = 0.0f);
+    // The graph path (native/src/graph): the same scores and selection as ggml graphs.
+#ifdef GRKV_HAVE_GRAPH
+    m.def("graph_available", []() { return graph::available(); });
+    m.def("graph_snapkv_select",
+          [](carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos, int n_head, float scale,
+             int budget, int kernel, const std::string & backend, int n_threads, float softcap) {
+              if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
+              if (pos.size() != k.shape(0) || qpos.size() != q.shape(0) || q.shape(2) != k.shape(2) ||
+                  q.shape(1) != n_head) {
+                  throw Error("graph_snapkv_select: inconsistent shapes");
+              }
+              LayerInput in;
+              in.k = k.data();
+              in.pos = pos.data();
+              in.T = (int) k.shape(0);
+              in.n_head_kv = (int) k.shape(1);
+              in.head_dim = (int) k.shape(2);
+              in.q = q.data();
+              in.qpos = qpos.data();
+              in.w = (int) q.shape(0);
+              in.n_head = n_head;
+              in.scale = scale;
+              in.softcap = softcap;
+              graph::SnapkvGraphResult r;
+              {
+                  py::gil_scoped_release nogil;
+                  r = graph::snapkv_select(in, kernel, budget, backend, n_threads);
+              }
+              return py::make_tuple(to_numpy(std::move(r.scores), {in.n_head_kv, in.T}),
+                                    to_numpy(std::move(r.keep), {in.n_head_kv, budget}), r.backend);
+          },
+          py::arg("k"), py::arg("pos"), py::arg("q"), py::arg("qpos"), py::arg("n_head"), py::arg("scale"),
+          py::arg("budget"), py::arg("kernel") = 5, py::arg("backend") = "CPU", py::arg("n_threads") = 1,
+          py::arg("softcap") = 0.0f);
+    m.def("graph_snapkv_select_cache",
+          [](const kvx::Api & api, uintptr_t ctx, int part, const py::list & queries, int n_head, int n_head_kv,
+             float scale, float softcap, int kernel, int budget, int n_threads) {
+              const std::vector<LayerQueries> qs = to_queries(queries);
+              std::string name;
+              std::vector<int32_t> keep;
+              {
+                  py::gil_scoped_release nogil;
+                  keep = graph::snapkv_select_cache(api, reinterpret_cast<void *>(ctx), part, 0, qs,
+                                                    ModelShape{n_head, n_head_kv, scale, softcap}, kernel, budget,
+                                                    n_threads, &name);
+              }
+              const py::ssize_t L = (py::ssize_t) qs.size();
+              return py::make_tuple(to_numpy(std::move(keep), {L, n_head_kv, budget}), name);
+          },
+          py::arg("api"), py::arg("ctx"), py::arg("part"), py::arg("queries"), py::arg("n_head"), py::arg("n_head_kv"),
+          py::arg("scale"), py::arg("softcap"), py::arg("kernel"), py::arg("budget"), py::arg("n_threads") = 1,
+          "SnapKV keep [n_layer, n_head_kv, budget] computed on the cache's own backend from its K tensors");
+#else
+    m.def("graph_available", []() { return false; });
+#endif
     m.def("select_per_head",
           [](carray<float> s, carray<uint8_t> prot, int budget) {
               Scores sc;

@@ -158,11 +158,27 @@ def check_method_supported(info: ModelInfo, method: Method) -> None:
         raise BadRequestError(f"method '{method.name}' is refused for {info.arch}: {why}")
 
 
+def _graph_select(ctx, be, info: ModelInfo, method: Method, merge, shared: bool, queries, budget: int, threads: int):
+    """Keep indices from the graph path: SnapKV on the cache's own backend."""
+    from .apply.inplace import _addr, _api
+
+    args = method.native_args()
+    if args["method"] != "snapkv" or merge is not None or shared or be.name != "inplace":
+        raise CompressionError("the graph path runs per-head SnapKV eviction (avg pooling, no merge) on the "
+                               "in-place backend of the patched build; use math='core' for the rest")
+    if not _native.graph_available():
+        raise CompressionError("this build has no graph path (it needs the patched llama.cpp's ggml)")
+    keep, name = _native.graph_snapkv_select_cache(
+        _api(), _addr(ctx), PART, [(np.ascontiguousarray(q, np.float32), p) for q, p in queries], info.n_head,
+        info.n_head_kv, info.attn_scale, info.attn_softcap, args["kernel"], budget, threads)
+    return keep, {"math": "graph", "graph_backend": name}
+
+
 def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None = None, ratio=None, budget=None,
                    shared=False, capture: GraphCapture | None = None, n_threads: int | None = None,
                    captured: list | None = None, history: np.ndarray | None = None, reread=None,
                    n_prefix: int = 0, key_pos: np.ndarray | None = None, carried: int = 0,
-                   backend: str | None = None) -> CompressResult:
+                   backend: str | None = None, math: str = "core") -> CompressResult:
     """Compress sequence 0's cache in place. On any failure the context is
     restored to its state before the call and CompressionError is raised.
     `captured` (per cache layer: query rows [n, n_head, head_dim] and their
@@ -177,8 +193,13 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     compression) and `key_pos` their keys' true positions [n_layer,
     n_head_kv, n_cells]. `backend`: the apply backend (apply.backend(); by
     default in place where the patched llama.cpp is loaded, else the blob);
-    merge_report["apply"] names it and splits the time into read, math, write."""
+    merge_report["apply"] names it and splits the time into read, math, write.
+    `math`: "core" (the C++ core on host copies) or "graph" (scores and
+    selection as ggml graphs on the backend that holds the cache, reading its
+    K tensors directly; SnapKV eviction on the in-place backend so far)."""
     check_method_supported(info, method)
+    if math not in ("core", "graph"):
+        raise BadRequestError(f"math must be 'core' or 'graph', not {math!r}")
     t0 = time.perf_counter()
     be = apply_backend(backend)
     state = be.read(ctx)
@@ -231,10 +252,15 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     with be.rollback(ctx, original, PART):
         try:
             t1 = time.perf_counter()
-            keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
-                                          softcap=info.attn_softcap, queries=queries, budget=B, shared=shared, label_end=label_end,
-                                          surrogate=surrogate, window_start=window_start, n_threads=threads,
-                                          history=history, **method.native_args(), **margs, **ctx_args)
+            if math == "graph":
+                keep, report = _graph_select(ctx, be, info, method, merge, shared, queries, B, threads)
+                state.apply_keep(PART, keep, label_end)
+            else:
+                keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv,
+                                              scale=info.attn_scale, softcap=info.attn_softcap, queries=queries,
+                                              budget=B, shared=shared, label_end=label_end, surrogate=surrogate,
+                                              window_start=window_start, n_threads=threads, history=history,
+                                              **method.native_args(), **margs, **ctx_args)
             t_math = time.perf_counter() - t1
         except NativeError as e:
             raise CompressionError(str(e)) from e
@@ -251,6 +277,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     bytes_after = kvstate.kv_bytes(state)
     # head-wise budgets keep as many cells as their busiest head's allocation
     report = dict(report)
+    report.setdefault("math", "core")
     report["apply"] = {"backend": be.name, "read_s": t_read, "math_s": t_math, "write_s": t_write}
     return CompressResult(n_cells, int(keep.shape[2]), bytes_before, bytes_after, time.perf_counter() - t0, keep,
                           positions, per_cell, report)

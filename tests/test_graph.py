@@ -1,0 +1,148 @@
+"""The graph path (ggml graphs on the cache's backend) against the C++ core
+and the float64 torch reference: SnapKV scores and per-head selections, on
+random GQA tensors and on K/queries captured from SmolLM2 and Gemma-3. Runs
+on ggml's CPU backend here; the same graph runs on CUDA or Metal builds."""
+
+import numpy as np
+import pytest
+
+from grkv_cpp import _native
+import reference as ref
+
+pytestmark = pytest.mark.skipif(not _native.graph_available(), reason="the graph path needs the patched build's ggml")
+
+
+def random_layer(seed, T=97, Hkv=2, G=3, d=16, w=8):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((T, Hkv, d)).astype(np.float32)
+    q = rng.standard_normal((w, Hkv * G, d)).astype(np.float32) * 2
+    pos = np.arange(T, dtype=np.int32) + 5
+    qpos = pos[-w:].copy()
+    return k, q, pos, qpos, Hkv * G
+
+
+def check_against_core(k, pos, q, qpos, H, scale, budget, softcap=0.0, kernel=5, n_threads=1):
+    s_core, prot = _native.score_layer("snapkv", k, pos, q, qpos, n_head=H, scale=scale, kernel=kernel,
+                                       softcap=softcap)
+    s_graph, keep, backend = _native.graph_snapkv_select(k, pos, q, qpos, H, scale, budget, kernel=kernel,
+                                                         n_threads=n_threads, softcap=softcap)
+    assert backend == "CPU"
+    prefix = int((~prot.astype(bool)).sum())
+    np.testing.assert_allclose(s_graph[:, :prefix], s_core[:, :prefix], rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(keep, _native.select_per_head(s_core, prot, budget))
+    return s_graph, keep, prot
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+@pytest.mark.parametrize("shape", [dict(Hkv=2, G=3, d=16), dict(Hkv=1, G=4, d=32), dict(Hkv=3, G=1, d=8)])
+def test_snapkv_graph_matches_core_and_reference(seed, softcap, shape):
+    k, q, pos, qpos, H = random_layer(seed, **shape)
+    scale = 1 / np.sqrt(k.shape[-1])
+    s, keep, prot = check_against_core(k, pos, q, qpos, H, scale, 40, softcap=softcap)
+    rs, rprot = ref.snapkv_scores(k, pos, q, qpos, H, scale, 5, "avg", softcap=softcap)
+    prefix = int((~rprot).sum())
+    np.testing.assert_allclose(s[:, :prefix], rs.numpy()[:, :prefix], rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(keep, ref.select(rs, rprot, 40).numpy())
+
+
+def test_snapkv_graph_window_only_and_whole_budget():
+    k, q, pos, qpos, H = random_layer(0)
+    T, w = len(pos), len(qpos)
+    _, keep, _ = check_against_core(k, pos, q, qpos, H, 0.25, w)  # just the window
+    assert (keep == np.arange(T - w, T)).all()
+    _, keep, _ = check_against_core(k, pos, q, qpos, H, 0.25, T)  # everything
+    assert (keep == np.arange(T)).all()
+
+
+def test_snapkv_graph_errors():
+    k, q, pos, qpos, H = random_layer(0)
+    with pytest.raises(_native.NativeError, match="window is always kept"):
+        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, len(qpos) - 1)
+    with pytest.raises(_native.NativeError, match="no ggml backend named"):
+        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, 40, backend="NoSuchGPU0")
+    with pytest.raises(_native.NativeError, match="odd and positive"):
+        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, 40, kernel=4)
+    with pytest.raises(_native.NativeError, match="inconsistent shapes"):
+        _native.graph_snapkv_select(k, pos, q[:, :-1], qpos, H, 0.25, 40)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_snapkv_graph_on_captured_model_data(model, request):
+    """K and window queries of a real prefill: the graph keeps what the core keeps."""
+    from grkv_cpp import kvstate
+    from grkv_cpp._native import SeqState
+    from grkv_cpp.compressor import capture_positions, captured_queries
+    from grkv_cpp.llm import CompressedLlama
+    from grkv_cpp.loader import quiet
+    from grkv_cpp.methods import parse_method
+    from grkv_cpp.texts import haystack, passkey_needle
+
+    path = request.getfixturevalue(f"{model}_gguf")
+    with quiet():
+        m = CompressedLlama(path, n_ctx=1024, n_threads=2)
+    try:
+        info = m.info
+        toks = m._tokens_for(haystack(30, [(0.5, passkey_needle(4242))]))
+        method, _ = parse_method("snapkv")
+        positions, _ = capture_positions(len(toks), method, None)
+        m._prefill(toks, positions, whole=True)
+        captured = captured_queries(m.capture, info)
+        state = SeqState(kvstate.get_blob(m.ctx))
+        part = 0  # the compressed cache (Gemma-3: its global-attention layers), layers as info.cache_layers
+        pos = state.positions(part).astype(np.int32)
+        T, Hkv, d = len(pos), info.n_head_kv, info.head_dim
+        budget = T // 2
+        n_layers = state.part_info(part)["n_layer"]
+        for ci in range(0, n_layers, max(1, n_layers // 4)):
+            k = np.ascontiguousarray(state.keys(part, ci).reshape(T, Hkv, d), dtype=np.float32)
+            q, qp = captured[ci]
+            win = qp >= pos[-64]
+            q = np.ascontiguousarray(q.reshape(-1, info.n_head, d)[win], dtype=np.float32)
+            check_against_core(k, pos, q, qp[win].astype(np.int32), info.n_head, info.attn_scale, budget,
+                               softcap=info.attn_softcap, n_threads=2)
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_graph_path_compression_writes_what_the_core_writes(model, request):
+    """compress_cache(math="graph"): SnapKV selected on the cache's backend from
+    its K tensors gives the core's kept sets and a byte-identical cache; a
+    request the graph path cannot run is refused with the context unchanged."""
+    from grkv_cpp import kvstate
+    from grkv_cpp.compressor import capture_positions, captured_queries, compress_cache
+    from grkv_cpp.errors import CompressionError
+    from grkv_cpp.llm import CompressedLlama
+    from grkv_cpp.loader import quiet
+    from grkv_cpp.methods import parse_method
+    from grkv_cpp.texts import haystack, passkey_needle
+
+    path = request.getfixturevalue(f"{model}_gguf")
+    with quiet():
+        m = CompressedLlama(path, n_ctx=1024, n_threads=2)
+    try:
+        toks = m._tokens_for(haystack(30, [(0.5, passkey_needle(777))]))
+        T = len(toks)
+        method, _ = parse_method("snapkv")
+        positions, _ = capture_positions(T, method, None)
+        m._prefill(toks, positions, whole=True)
+        captured = captured_queries(m.capture, m.info)
+        full = kvstate.get_blob(m.ctx)
+        results = {}
+        for math in ("core", "graph"):
+            assert kvstate.set_blob(m.ctx, full)
+            res = compress_cache(m.ctx, m.info, method, ratio=0.5, captured=captured, n_threads=2, math=math)
+            assert res.merge_report["math"] == math
+            results[math] = (res.keep, kvstate.get_blob(m.ctx))
+        assert results["graph"][0].shape == results["core"][0].shape
+        np.testing.assert_array_equal(results["graph"][0], results["core"][0])
+        assert results["graph"][1] == results["core"][1]
+        # refused: a merge, with the cache left as it was
+        _, grkv = parse_method("snapkv+grkv")
+        assert kvstate.set_blob(m.ctx, full)
+        with pytest.raises(CompressionError, match="graph path"):
+            compress_cache(m.ctx, m.info, method, merge=grkv, ratio=0.5, captured=captured, math="graph")
+        assert kvstate.get_blob(m.ctx) == full
+    finally:
+        m.close()
