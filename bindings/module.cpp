@@ -46,6 +46,25 @@ Stream & active_mut(SeqState & s, int part) {
     return const_cast<Stream &>(active(s, part));
 }
 
+// One layer's keys and window queries from plain arrays: k [T, n_head_kv, d], q [w, n_head, d].
+LayerInput array_layer(const carray<float> & k, const carray<int32_t> & pos, const carray<float> & q,
+                       const carray<int32_t> & qpos, int n_head, float scale, float softcap) {
+    if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
+    LayerInput in;
+    in.k = k.data();
+    in.pos = pos.data();
+    in.T = (int) k.shape(0);
+    in.n_head_kv = (int) k.shape(1);
+    in.head_dim = (int) k.shape(2);
+    in.q = q.data();
+    in.qpos = qpos.data();
+    in.w = (int) q.shape(0);
+    in.n_head = n_head;
+    in.scale = scale;
+    in.softcap = softcap;
+    return in;
+}
+
 std::vector<LayerQueries> to_queries(const py::list & qs) {
     std::vector<LayerQueries> out;
     for (auto item : qs) {
@@ -366,19 +385,7 @@ PYBIND11_MODULE(_native, m) {
           [](const std::string & method, carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos,
              int n_head, float scale, const ContextParams & p, const RopeParams & rope, py::object v, py::object rk,
              py::object qchunk, py::object chunks, py::object hist, py::object kpos, bool carry, float softcap) {
-              if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
-              LayerInput in;
-              in.k = k.data();
-              in.pos = pos.data();
-              in.T = (int) k.shape(0);
-              in.n_head_kv = (int) k.shape(1);
-              in.head_dim = (int) k.shape(2);
-              in.q = q.data();
-              in.qpos = qpos.data();
-              in.w = (int) q.shape(0);
-              in.n_head = n_head;
-              in.scale = scale;
-              in.softcap = softcap;
+              LayerInput in = array_layer(k, pos, q, qpos, n_head, scale, softcap);
               in.rope = rope;
               carray<float> va, rka;
               carray<int32_t> qc;
@@ -478,23 +485,11 @@ PYBIND11_MODULE(_native, m) {
     m.def("graph_snapkv_select",
           [](carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos, int n_head, float scale,
              int budget, int kernel, const std::string & backend, int n_threads, float softcap) {
-              if (k.ndim() != 3 || q.ndim() != 3) throw Error("k must be [T, n_head_kv, d] and q [w, n_head, d]");
+              const LayerInput in = array_layer(k, pos, q, qpos, n_head, scale, softcap);
               if (pos.size() != k.shape(0) || qpos.size() != q.shape(0) || q.shape(2) != k.shape(2) ||
                   q.shape(1) != n_head) {
                   throw Error("graph_snapkv_select: inconsistent shapes");
               }
-              LayerInput in;
-              in.k = k.data();
-              in.pos = pos.data();
-              in.T = (int) k.shape(0);
-              in.n_head_kv = (int) k.shape(1);
-              in.head_dim = (int) k.shape(2);
-              in.q = q.data();
-              in.qpos = qpos.data();
-              in.w = (int) q.shape(0);
-              in.n_head = n_head;
-              in.scale = scale;
-              in.softcap = softcap;
               graph::SnapkvGraphResult r;
               {
                   py::gil_scoped_release nogil;

@@ -23,17 +23,9 @@ from grkv_cpp.loader import quiet
 from grkv_cpp.methods import parse_method
 from grkv_cpp.models import resolve_model
 from tqdm.auto import tqdm
-from grkv_cpp.texts import haystack, passkey_needle
+from grkv_cpp.texts import passkey_needle
 
-
-def context(m, n_tokens):
-    needle = passkey_needle(84606)
-
-    def count(n):
-        return len(m._tokens_for(haystack(n, [(0.5, needle)])))
-
-    base, per = count(0), (count(20) - count(0)) / 20
-    return m._tokens_for(haystack(max(0, int((n_tokens - base) / per)), [(0.5, needle)]))
+from bench_merge import context_for  # scripts/ is on the path when run as a script
 
 
 def main():
@@ -53,7 +45,7 @@ def main():
         for n_tokens in map(int, a.tokens.split(",")):
             with quiet():
                 m = CompressedLlama(resolve_model(name), n_ctx=n_tokens + 256, n_threads=a.threads)
-            toks = context(m, n_tokens)
+            toks = m._tokens_for(context_for(m, n_tokens, passkey_needle(84606)))
             T = len(toks)
             positions, _ = capture_positions(T, method, None)
             t0 = time.perf_counter()

@@ -80,9 +80,8 @@ def test_vjp_is_adjoint_of_jvp(seed, shape, softcap):
 
 @pytest.mark.parametrize("seed", range(2))
 @SOFTCAPS
-@pytest.mark.parametrize("Q", [6, 10])  # R = 12 < 2d: CG through Q Q^T; R = 20 >= 2d: through J^T u
-def test_key_step_matches_exact_gauss_newton(seed, softcap, Q):
-    pr = random_problem(seed, G=2, Q=Q, d=8, T=60, B=20, n_fixed=8, softcap=softcap)
+def test_key_step_matches_exact_gauss_newton(seed, softcap):
+    pr = random_problem(seed, G=2, Q=6, d=8, T=60, B=20, n_fixed=8, softcap=softcap)
     ref, p = Problem(**pr), native(pr)
     V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
     nat = _native.grkv_key_step(p, pr["k0"].numpy().astype(np.float32), V1.numpy().astype(np.float32), 0.01, 64, 1e-7)

@@ -41,10 +41,18 @@ void cholesky_solve(std::vector<double> & M, int n, std::vector<double> & rhs, i
 }
 
 // Row-major [rows][cols] -> [cols][rows]: gemm's B operand is read row-major.
+// Blocked, so that neither side walks a column of 1-8 KB-apart rows.
+void transpose_into(const float * X, int rows, int cols, float * t) {
+    constexpr int TB = 16;
+    for (int i0 = 0; i0 < rows; i0 += TB)
+        for (int j0 = 0; j0 < cols; j0 += TB)
+            for (int i = i0; i < std::min(rows, i0 + TB); ++i)
+                for (int j = j0; j < std::min(cols, j0 + TB); ++j) t[(size_t) j * rows + i] = X[(size_t) i * cols + j];
+}
+
 std::vector<float> transpose(const float * X, int rows, int cols) {
     std::vector<float> t((size_t) rows * cols);
-    for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) t[(size_t) j * rows + i] = X[(size_t) i * cols + j];
+    transpose_into(X, rows, cols, t.data());
     return t;
 }
 
@@ -161,51 +169,81 @@ std::vector<float> grkv_value_step(const GrkvProblem & p, const float * K, float
 }
 
 // JVP and VJP are two dense products each (gemm.h) around an elementwise
-// mask-and-scale by the attention weights.
+// mask-and-scale by the attention weights. The CG calls them ~2x per
+// iteration on the same (A, O, V): Jacobian keeps what does not change
+// (V transposed, sqrt(w), the mutable mask as 0/1) and its scratch.
+namespace {
+
+struct Jacobian {
+    const GrkvProblem & p;
+    const float * A;  // grkv_student's dA [R][B]
+    const float * O;  // its output [R][d]
+    const float * V;  // [B][d]
+    std::vector<float> Vt, sw, mutf, tmp_bd, tmp_rb, csum;
+
+    Jacobian(const GrkvProblem & p_, const float * A_, const float * O_, const float * V_)
+        : p(p_), A(A_), O(O_), V(V_), Vt(transpose(V_, p_.B, p_.d)), sw(p_.R), mutf(p_.B), tmp_bd((size_t) p_.B * p_.d),
+          tmp_rb((size_t) p_.R * p_.B), csum(p_.R) {
+        for (int r = 0; r < p.R; ++r) sw[r] = std::sqrt(p.w[r]);
+        for (int s = 0; s < p.B; ++s) mutf[s] = p.mut[s] ? 1.0f : 0.0f;
+    }
+
+    // do_r = sqrt(w_r) * sum_s c_rs (v_s - o_r),  c_rs = a_rs * scale * (q_r . D_s), s mutable
+    void jvp(const float * D, float * out) {
+        const int R = p.R, B = p.B, d = p.d;
+        transpose_into(D, B, d, tmp_bd.data());  // [d][B]
+        float * c = tmp_rb.data();
+        gemm(R, B, d, p.q.data(), d, 1, tmp_bd.data(), c);  // q_r . D_s
+        for (int r = 0; r < R; ++r) {
+            const float * a = A + (size_t) r * B;
+            float * cr = c + (size_t) r * B;
+            float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+            for (int s = 0; s < B; ++s) {
+                cr[s] = mutf[s] * a[s] * p.scale * cr[s];
+                t += cr[s];
+            }
+            csum[r] = t;
+        }
+        gemm(R, d, B, c, B, 1, V, out);  // sum_s c_rs v_s
+        for (int r = 0; r < R; ++r) {
+            float * acc = out + (size_t) r * d;
+            const float * o = O + (size_t) r * d;
+#pragma omp simd
+            for (int e = 0; e < d; ++e) acc[e] = sw[r] * (acc[e] - csum[r] * o[e]);
+        }
+    }
+
+    // (J^T u)_s = scale * sum_r sqrt(w_r) a_rs (u_r . v_s - u_r . o_r) q_r, s mutable
+    void vjp(const float * U, float * out) {
+        const int R = p.R, B = p.B, d = p.d;
+        float * g = tmp_rb.data();
+        gemm(R, B, d, U, d, 1, Vt.data(), g);  // u_r . v_s
+        for (int r = 0; r < R; ++r) {
+            const float uo = dot(U + (size_t) r * d, O + (size_t) r * d, d);
+            const float f = p.scale * sw[r];
+            const float * a = A + (size_t) r * B;
+            float * gr = g + (size_t) r * B;
+#pragma omp simd
+            for (int s = 0; s < B; ++s) gr[s] = mutf[s] * f * a[s] * (gr[s] - uo);
+        }
+        gemm(B, d, R, g, 1, B, p.q.data(), out);  // sum_r g_rs q_r (g read transposed)
+    }
+};
+
+}  // namespace
 
 std::vector<float> grkv_jvp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * D) {
-    // do_r = sqrt(w_r) * sum_s c_rs (v_s - o_r),  c_rs = a_rs * scale * (q_r . D_s), s mutable
-    const int R = p.R, B = p.B, d = p.d;
-    const std::vector<float> Dt = transpose(D, B, d);  // [d][B]
-    std::vector<float> c((size_t) R * B), out((size_t) R * d);
-    gemm(R, B, d, p.q.data(), d, 1, Dt.data(), c.data());  // q_r . D_s
-    std::vector<float> csum(R, 0.0f);
-    for (int r = 0; r < R; ++r) {
-        const float * a = A.data() + (size_t) r * B;
-        float * cr = c.data() + (size_t) r * B;
-        float t = 0.0f;
-        for (int s = 0; s < B; ++s) {
-            cr[s] = p.mut[s] ? a[s] * p.scale * cr[s] : 0.0f;
-            t += cr[s];
-        }
-        csum[r] = t;
-    }
-    gemm(R, d, B, c.data(), B, 1, V, out.data());  // sum_s c_rs v_s
-    for (int r = 0; r < R; ++r) {
-        float * acc = out.data() + (size_t) r * d;
-        const float * o = O.data() + (size_t) r * d;
-        const float sw = std::sqrt(p.w[r]);
-        for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum[r] * o[e]);
-    }
+    std::vector<float> out((size_t) p.R * p.d);
+    Jacobian(p, A.data(), O.data(), V).jvp(D, out.data());
     return out;
 }
 
 std::vector<float> grkv_vjp(const GrkvProblem & p, const std::vector<float> & A, const std::vector<float> & O,
                             const float * V, const float * U) {
-    // (J^T u)_s = scale * sum_r sqrt(w_r) a_rs (u_r . v_s - u_r . o_r) q_r, s mutable
-    const int R = p.R, B = p.B, d = p.d;
-    const std::vector<float> Vt = transpose(V, B, d);  // [d][B]
-    std::vector<float> g((size_t) R * B), out((size_t) B * d);
-    gemm(R, B, d, U, d, 1, Vt.data(), g.data());  // u_r . v_s
-    for (int r = 0; r < R; ++r) {
-        const float uo = dot(U + (size_t) r * d, O.data() + (size_t) r * d, d);
-        const float f = p.scale * std::sqrt(p.w[r]);
-        const float * a = A.data() + (size_t) r * B;
-        float * gr = g.data() + (size_t) r * B;
-        for (int s = 0; s < B; ++s) gr[s] = p.mut[s] ? f * a[s] * (gr[s] - uo) : 0.0f;
-    }
-    gemm(B, d, R, g.data(), 1, B, p.q.data(), out.data());  // sum_r g_rs q_r (g read transposed)
+    std::vector<float> out((size_t) p.B * p.d);
+    Jacobian(p, A.data(), O.data(), V).vjp(U, out.data());
     return out;
 }
 
@@ -253,8 +291,10 @@ std::vector<float> key_step_at(const GrkvProblem & p, const float * Kc, const fl
     }
     if (ps.B == 0) return offset;
     // J c: zero on the first step, where K is still K0
+    Jacobian J(ps, As.data(), O.data(), Vs.data());
     const bool moved = std::any_of(c.begin(), c.end(), [](float x) { return x != 0.0f; });
-    const std::vector<float> Jc = moved ? grkv_jvp(ps, As, O, Vs.data(), c.data()) : std::vector<float>((size_t) R * d, 0.0f);
+    std::vector<float> Jc((size_t) R * d, 0.0f);
+    if (moved) J.jvp(c.data(), Jc.data());
     std::vector<double> b((size_t) R * d);
     for (int r = 0; r < R; ++r) {
         const double sw = std::sqrt((double) p.w[r]);
@@ -263,58 +303,18 @@ std::vector<float> key_step_at(const GrkvProblem & p, const float * Kc, const fl
             b[i] = sw * ((double) p.ostar[i] - O[i]) + Jc[i];
         }
     }
-    // CG on (J J^T + lambda I) u = b. J J^T u = jvp(vjp(u)); the product in the
-    // middle (q_r . sum_r' g_r's q_r') is (Q Q^T) g, an [R x R] x [R x B]
-    // product in place of two [R x B] x [B x d]-sized ones when R < 2d.
-    // (A Jacobi preconditioner was measured: no fewer iterations.)
+    // CG on (J J^T + lambda I) u = b, J J^T u = jvp(vjp(u)). Measured and
+    // dropped: a Jacobi preconditioner (no fewer iterations) and forming the
+    // middle product through Q Q^T (raised Gemma-3's held-out error at 10%
+    // kept: float rounding in this ill-conditioned system; no faster at cg_tol).
     const size_t n = b.size();
-    const bool gram = R < 2 * d;
-    std::vector<float> Gq, Vt;
-    if (gram) {
-        const std::vector<float> Qt = transpose(p.q.data(), R, d);  // [d][R]
-        Gq.resize((size_t) R * R);
-        gemm(R, R, d, p.q.data(), d, 1, Qt.data(), Gq.data());
-        Vt = transpose(Vs.data(), ps.B, d);  // [d][B]
-    }
-    std::vector<float> g((size_t) R * ps.B), h((size_t) R * ps.B), jjt_f(n);
+    std::vector<float> jt((size_t) ps.B * d), jjt_f(n);
     auto jjt = [&](const float * U) -> const std::vector<float> & {
-        if (!gram) {
-            const std::vector<float> jt = grkv_vjp(ps, As, O, Vs.data(), U);
-            jjt_f = grkv_jvp(ps, As, O, Vs.data(), jt.data());
-            return jjt_f;
-        }
-        gemm(R, ps.B, d, U, d, 1, Vt.data(), g.data());  // u_r . v_s
-        for (int r = 0; r < R; ++r) {
-            const float uo = dot(U + (size_t) r * d, O.data() + (size_t) r * d, d);
-            const float f = p.scale * std::sqrt(p.w[r]);
-            const float * a = As.data() + (size_t) r * ps.B;
-            float * gr = g.data() + (size_t) r * ps.B;
-#pragma omp simd
-            for (int i = 0; i < ps.B; ++i) gr[i] = f * a[i] * (gr[i] - uo);
-        }
-        gemm(R, ps.B, R, Gq.data(), R, 1, g.data(), h.data());  // q_r . (J^T u)_s
-        for (int r = 0; r < R; ++r) {
-            const float * a = As.data() + (size_t) r * ps.B;
-            float * hr = h.data() + (size_t) r * ps.B;
-            float t = 0.0f;
-#pragma omp simd reduction(+ : t)
-            for (int i = 0; i < ps.B; ++i) {
-                hr[i] = a[i] * p.scale * hr[i];
-                t += hr[i];
-            }
-            g[r] = t;  // csum_r (g's first R entries are free now)
-        }
-        std::vector<float> csum(g.begin(), g.begin() + R);
-        gemm(R, d, ps.B, h.data(), ps.B, 1, Vs.data(), jjt_f.data());  // sum_s c_rs v_s
-        for (int r = 0; r < R; ++r) {
-            float * acc = jjt_f.data() + (size_t) r * d;
-            const float * o = O.data() + (size_t) r * d;
-            const float sw = std::sqrt(p.w[r]);
-            for (int e = 0; e < d; ++e) acc[e] = sw * (acc[e] - csum[r] * o[e]);
-        }
+        J.vjp(U, jt.data());
+        J.jvp(jt.data(), jjt_f.data());
         return jjt_f;
     };
-    std::vector<double> x(n, 0.0), res = b, dir = b;
+    std::vector<double> x(n, 0.0), res = b, dir = b, Ap(n);
     std::vector<float> dirf(n);
     double rz = 0;
     for (size_t i = 0; i < n; ++i) rz += res[i] * res[i];
@@ -325,7 +325,6 @@ std::vector<float> key_step_at(const GrkvProblem & p, const float * Kc, const fl
             for (size_t i = 0; i < n; ++i) dirf[i] = (float) dir[i];
             const std::vector<float> & jj = jjt(dirf.data());
             double pAp = 0;
-            std::vector<double> Ap(n);
             for (size_t i = 0; i < n; ++i) {
                 Ap[i] = jj[i] + prm.lambda * dir[i];
                 pAp += dir[i] * Ap[i];
@@ -350,7 +349,8 @@ std::vector<float> key_step_at(const GrkvProblem & p, const float * Kc, const fl
     if (n_iter) *n_iter += it;
     std::vector<float> xf(n);
     for (size_t i = 0; i < n; ++i) xf[i] = (float) x[i];
-    const std::vector<float> step = grkv_vjp(ps, As, O, Vs.data(), xf.data());  // active slots' new offset K - K0
+    std::vector<float> step((size_t) ps.B * d);
+    J.vjp(xf.data(), step.data());  // active slots' new offset K - K0
     for (int i = 0; i < ps.B; ++i) {
         std::copy(step.begin() + (size_t) i * d, step.begin() + (size_t) (i + 1) * d, offset.begin() + (size_t) act[i] * d);
     }
