@@ -7,6 +7,7 @@ method and ratio compresses a restored copy of the full cache. Writes JSON.
     python scripts/bench_merge.py --models smollm2,gemma3 --lengths 1024,2048,4096 \\
         --ratios 0.5,0.25,0.1 --out results/merge.json
 
+`--repeat N` times each compression N times and reports the median.
 A method may carry GRKV parameters after a slash, `snapkv+grkv/cg_iters=4`
 (several joined by `;`), to measure what a cheaper fit costs in error.
 
@@ -19,6 +20,7 @@ queries and K/V taken from the full-cache run (isolates the layer's error).
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -108,6 +110,8 @@ def main():
     ap.add_argument("--ratios", default="0.5,0.25,0.1")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="compressions per method and ratio; the time is their median (the machine is noisy)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     rows = []
@@ -152,10 +156,14 @@ def main():
                         key, _, val = kv.partition("=")
                         kw[key] = json.loads(val)  # as `eval --param` reads values
                     meth, mrg = parse_method(mspec, **kw)
-                    assert kvstate.set_blob(m.ctx, full_blob)
-                    m.llm.n_tokens = T
-                    res = compress_cache(m.ctx, info, meth, merge=mrg, ratio=ratio, captured=captured,
-                                         n_threads=a.threads)
+                    times = []
+                    for _ in range(max(1, a.repeat)):
+                        assert kvstate.set_blob(m.ctx, full_blob)
+                        m.llm.n_tokens = T
+                        res = compress_cache(m.ctx, info, meth, merge=mrg, ratio=ratio, captured=captured,
+                                             n_threads=a.threads)
+                        times.append(res.seconds)
+                    seconds = statistics.median(times)
                     comp_blob = kvstate.get_blob(m.ctx)
                     logits = eval_logits(m, q_tokens + cont)
                     lp = log_softmax(logits[len(q_tokens) - 1: -1])
@@ -164,13 +172,14 @@ def main():
                     errs = heldout_errors(info, full_state, SeqState(comp_blob), q_rows, T, len(q_tokens))
                     row = dict(model=name, context_tokens=T, ratio=ratio, method=spec, kept=res.cells_after,
                                heldout_err_mean=float(np.mean(errs)), heldout_err_per_layer=errs, kl=kl,
-                               nll=nll, nll_full=nll_full, compress_s=res.seconds, prefill_s=prefill_plain,
-                               prefill_capture_s=prefill_capture, compress_share=res.seconds / prefill_plain,
+                               nll=nll, nll_full=nll_full, compress_s=seconds, compress_runs_s=times,
+                               prefill_s=prefill_plain, prefill_capture_s=prefill_capture,
+                               compress_share=seconds / prefill_plain,
                                grkv_choice=res.merge_report.get("choice"),
                                grkv_timing=res.merge_report.get("timing"), apply=res.merge_report.get("apply"))
                     rows.append(row)
                     print(f"{name:8s} T={T:5d} r={ratio:.2f} {spec:24s} err={row['heldout_err_mean']:.4f} "
-                          f"KL={kl:.4f} compress={res.seconds:.2f}s ({100 * row['compress_share']:.1f}% of "
+                          f"KL={kl:.4f} compress={seconds:.2f}s ({100 * row['compress_share']:.1f}% of "
                           f"{prefill_plain:.1f}s prefill)", flush=True)
                     if a.out:
                         a.out.parent.mkdir(parents=True, exist_ok=True)

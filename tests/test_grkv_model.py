@@ -27,6 +27,25 @@ def prefilled(smollm2_gguf):
 
 
 @pytest.mark.slow
+def test_cg_tolerance_and_active_slots_on_a_real_cache(prefilled):
+    """cg_tol=0.03 (the default) stops CG well before a 1e-6 residual at about
+    the same fitted objective; key_active=1 leaves no slot for the key step,
+    so its candidate is the value step's."""
+    m, toks, captured, blob = prefilled
+    info = m.info
+    method, _ = parse_method("snapkv")
+    reps = {}
+    for name, kw in [("default", {}), ("tight", {"cg_tol": 1e-6}), ("no_key", {"key_active": 1.0})]:
+        assert kvstate.set_blob(m.ctx, blob)
+        _, merge = parse_method("snapkv+grkv", **kw)
+        reps[name] = compress_cache(m.ctx, info, method, merge=merge, ratio=0.3, captured=captured).merge_report
+    assert reps["default"]["timing"]["cg_steps"] < reps["tight"]["timing"]["cg_steps"]
+    np.testing.assert_allclose(np.sum(reps["default"]["obj_kv"]), np.sum(reps["tight"]["obj_kv"]), rtol=0.01)
+    np.testing.assert_array_equal(reps["no_key"]["obj_kv"], reps["no_key"]["obj_v"])
+    assert reps["no_key"]["timing"]["cg_steps"] == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["window", "stratified"])
 def test_grkv_on_real_cache(prefilled, mode):
     m, toks, captured, blob = prefilled
