@@ -482,43 +482,61 @@ PYBIND11_MODULE(_native, m) {
     // The graph path (native/src/graph): the same scores and selection as ggml graphs.
 #ifdef GRKV_HAVE_GRAPH
     m.def("graph_available", []() { return graph::available(); });
-    m.def("graph_snapkv_select",
-          [](carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos, int n_head, float scale,
-             int budget, int kernel, const std::string & backend, int n_threads, float softcap) {
-              const LayerInput in = array_layer(k, pos, q, qpos, n_head, scale, softcap);
-              if (pos.size() != k.shape(0) || qpos.size() != q.shape(0) || q.shape(2) != k.shape(2) ||
-                  q.shape(1) != n_head) {
-                  throw Error("graph_snapkv_select: inconsistent shapes");
+    m.def("graph_select",
+          [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos, int n_head,
+             float scale, int budget, int kernel, int n_sink, const std::string & backend, int n_threads,
+             float softcap) {
+              if (k.ndim() != 3) throw Error("k must be [T, n_head_kv, head_dim]");
+              if (pos.size() != k.shape(0)) throw Error("graph_select: one position per token is needed");
+              LayerInput in;
+              carray<float> qa;
+              carray<int32_t> qp;
+              if (!q.is_none()) {
+                  qa = q.cast<carray<float>>();
+                  qp = qpos.cast<carray<int32_t>>();
+                  in = array_layer(k, pos, qa, qp, n_head, scale, softcap);
+                  if (qp.size() != qa.shape(0) || qa.shape(2) != k.shape(2) || qa.shape(1) != n_head) {
+                      throw Error("graph_select: inconsistent shapes");
+                  }
+              } else {
+                  in.k = k.data();
+                  in.pos = pos.data();
+                  in.T = (int) k.shape(0);
+                  in.n_head_kv = (int) k.shape(1);
+                  in.head_dim = (int) k.shape(2);
+                  in.n_head = n_head;
               }
-              graph::SnapkvGraphResult r;
+              graph::SelectResult r;
               {
                   py::gil_scoped_release nogil;
-                  r = graph::snapkv_select(in, kernel, budget, backend, n_threads);
+                  r = graph::select_layer(in, graph::GraphMethod{method, kernel, n_sink}, budget, backend, n_threads);
               }
               return py::make_tuple(to_numpy(std::move(r.scores), {in.n_head_kv, in.T}),
                                     to_numpy(std::move(r.keep), {in.n_head_kv, budget}), r.backend);
           },
-          py::arg("k"), py::arg("pos"), py::arg("q"), py::arg("qpos"), py::arg("n_head"), py::arg("scale"),
-          py::arg("budget"), py::arg("kernel") = 5, py::arg("backend") = "CPU", py::arg("n_threads") = 1,
-          py::arg("softcap") = 0.0f);
-    m.def("graph_snapkv_select_cache",
-          [](const kvx::Api & api, uintptr_t ctx, int part, const py::list & queries, int n_head, int n_head_kv,
-             float scale, float softcap, int kernel, int budget, int n_threads) {
+          py::arg("method"), py::arg("k"), py::arg("pos"), py::arg("q") = py::none(), py::arg("qpos") = py::none(),
+          py::arg("n_head") = 0, py::arg("scale") = 1.0f, py::arg("budget") = 0, py::arg("kernel") = 5,
+          py::arg("n_sink") = 4, py::arg("backend") = "CPU", py::arg("n_threads") = 1, py::arg("softcap") = 0.0f,
+          "One layer's scores [n_head_kv, T] and keep [n_head_kv, budget] computed as a ggml graph");
+    m.def("graph_select_cache",
+          [](const kvx::Api & api, uintptr_t ctx, int part, const std::string & method, const py::list & queries,
+             int n_head, int n_head_kv, float scale, float softcap, int kernel, int n_sink, int budget, int n_threads,
+             int n_layer) {
               const std::vector<LayerQueries> qs = to_queries(queries);
               std::string name;
               std::vector<int32_t> keep;
               {
                   py::gil_scoped_release nogil;
-                  keep = graph::snapkv_select_cache(api, reinterpret_cast<void *>(ctx), part, 0, qs,
-                                                    ModelShape{n_head, n_head_kv, scale, softcap}, kernel, budget,
-                                                    n_threads, &name);
+                  keep = graph::select_cache(api, reinterpret_cast<void *>(ctx), part, 0, qs,
+                                             ModelShape{n_head, n_head_kv, scale, softcap},
+                                             graph::GraphMethod{method, kernel, n_sink}, budget, n_threads, &name);
               }
-              const py::ssize_t L = (py::ssize_t) qs.size();
-              return py::make_tuple(to_numpy(std::move(keep), {L, n_head_kv, budget}), name);
+              return py::make_tuple(to_numpy(std::move(keep), {n_layer, n_head_kv, budget}), name);
           },
-          py::arg("api"), py::arg("ctx"), py::arg("part"), py::arg("queries"), py::arg("n_head"), py::arg("n_head_kv"),
-          py::arg("scale"), py::arg("softcap"), py::arg("kernel"), py::arg("budget"), py::arg("n_threads") = 1,
-          "SnapKV keep [n_layer, n_head_kv, budget] computed on the cache's own backend from its K tensors");
+          py::arg("api"), py::arg("ctx"), py::arg("part"), py::arg("method"), py::arg("queries"), py::arg("n_head"),
+          py::arg("n_head_kv"), py::arg("scale"), py::arg("softcap"), py::arg("kernel"), py::arg("n_sink"),
+          py::arg("budget"), py::arg("n_threads"), py::arg("n_layer"),
+          "keep [n_layer, n_head_kv, budget] computed on the cache's own backend from its K tensors");
 #else
     m.def("graph_available", []() { return false; });
 #endif

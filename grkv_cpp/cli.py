@@ -170,6 +170,9 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
               help="With --kv-budget: bounded-memory prefill in chunks of this many tokens, compressing back to "
                    "the budget after each; the context is sized budget + chunk + answer room.")
 @click.option("--shared", is_flag=True, help="One token set for all layers and heads (default: per layer and KV head).")
+@click.option("--math", "math_path", type=click.Choice(["core", "graph"]), default="core", show_default=True,
+              help="Where scores and selection run: the C++ core on host copies, or ggml graphs on the cache's own "
+                   "backend (snapkv, knorm, streaming eviction; patched build).")
 @click.option("--query-aware", is_flag=True, help="Compress with the (single) question inside the window.")
 @click.option("--window", type=int, default=32, show_default=True, help="SnapKV observation window.")
 @click.option("--kernel", type=int, default=5, show_default=True, help="SnapKV pooling kernel.")
@@ -194,7 +197,8 @@ def demo(model, kv_ratio, threads, n_gpu_layers):
 @_gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers and stats.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-def ask(model, context_file, save_context, load_context, questions, method, kv_ratio, kv_budget, chunk, shared, query_aware, window, kernel, n_sink,
+def ask(model, context_file, save_context, load_context, questions, method, kv_ratio, kv_budget, chunk, shared, math_path,
+        query_aware, window, kernel, n_sink,
         query_mode, lam, steps, guard, protect_divisor, decode_budget, decode_every, decode_method, max_tokens, n_ctx,
         flash_attn, type_k, type_v, threads, n_gpu_layers, as_json, verbose):
     """Answer questions about a long context from a compressed KV cache."""
@@ -215,6 +219,8 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
         raise click.UsageError("--query-aware compresses for one question; give exactly one --question")
     if chunk is not None and (kv_budget is None or method == "full"):
         raise click.UsageError("--chunk runs a budgeted request: it needs --kv-budget and a method")
+    if math_path != "core" and (query_aware or chunk is not None or load_context is not None):
+        raise click.UsageError("--math graph runs a plain compression: no --query-aware, --chunk or --load-context")
     context = context_file.read() if context_file is not None else None
     kw = {}
     if chunk is not None:
@@ -247,7 +253,8 @@ def ask(model, context_file, save_context, load_context, questions, method, kv_r
         elif chunk is not None:
             m.compress_budgeted(context, budget=kv_budget, chunk=chunk, method=method, shared=shared, **params)
         else:
-            m.compress(context, method=method, ratio=kv_ratio, budget=kv_budget, shared=shared, **params)
+            m.compress(context, method=method, ratio=kv_ratio, budget=kv_budget, shared=shared, math=math_path,
+                       **params)
         if save_context is not None:
             size = m.save(save_context)
             click.echo(f"saved the compressed context to {save_context}: {_human_bytes(size)} "

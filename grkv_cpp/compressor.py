@@ -158,19 +158,24 @@ def check_method_supported(info: ModelInfo, method: Method) -> None:
         raise BadRequestError(f"method '{method.name}' is refused for {info.arch}: {why}")
 
 
+GRAPH_METHODS = ("snapkv", "knorm", "streaming")
+
+
 def _graph_select(ctx, be, info: ModelInfo, method: Method, merge, shared: bool, queries, budget: int, threads: int):
-    """Keep indices from the graph path: SnapKV on the cache's own backend."""
+    """Keep indices from the graph path: the scorer and per-head top-k as ggml
+    graphs on the cache's own backend, reading its K tensors in place."""
     from .apply.inplace import _addr, _api
 
     args = method.native_args()
-    if args["method"] != "snapkv" or merge is not None or shared or be.name != "inplace":
-        raise CompressionError("the graph path runs per-head SnapKV eviction (avg pooling, no merge) on the "
-                               "in-place backend of the patched build; use math='core' for the rest")
+    if args["method"] not in GRAPH_METHODS or merge is not None or shared or be.name != "inplace":
+        raise CompressionError(f"the graph path runs per-head {', '.join(GRAPH_METHODS)} eviction (SnapKV with avg "
+                               "pooling, no merge) on the in-place backend of the patched build; use math='core'")
     if not _native.graph_available():
         raise CompressionError("this build has no graph path (it needs the patched llama.cpp's ggml)")
-    keep, name = _native.graph_snapkv_select_cache(
-        _api(), _addr(ctx), PART, [(np.ascontiguousarray(q, np.float32), p) for q, p in queries], info.n_head,
-        info.n_head_kv, info.attn_scale, info.attn_softcap, args["kernel"], budget, threads)
+    qs = [(np.ascontiguousarray(q, np.float32), p) for q, p in queries] if args["method"] == "snapkv" else []
+    keep, name = _native.graph_select_cache(
+        _api(), _addr(ctx), PART, args["method"], qs, info.n_head, info.n_head_kv, info.attn_scale,
+        info.attn_softcap, args["kernel"], args["n_sink"], budget, threads, len(info.cache_layers))
     return keep, {"math": "graph", "graph_backend": name}
 
 
@@ -196,7 +201,8 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
     merge_report["apply"] names it and splits the time into read, math, write.
     `math`: "core" (the C++ core on host copies) or "graph" (scores and
     selection as ggml graphs on the backend that holds the cache, reading its
-    K tensors directly; SnapKV eviction on the in-place backend so far)."""
+    K tensors directly; snapkv, knorm and streaming eviction on the in-place
+    backend so far)."""
     check_method_supported(info, method)
     if math not in ("core", "graph"):
         raise BadRequestError(f"math must be 'core' or 'graph', not {math!r}")

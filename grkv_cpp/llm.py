@@ -266,7 +266,7 @@ class CompressedLlama:
     # ------------------------------------------------------------- compression
     def compress(self, context: str, *, method: str | Method | None = None, ratio: float | None = None,
                  budget: int | None = None, shared: bool = False, question: str | None = None,
-                 answer_prefix: str = "", **params) -> Stats:
+                 answer_prefix: str = "", math: str = "core", **params) -> Stats:
         """Prefill `context` and compress its cache to a kept `ratio` or `budget` tokens.
 
         Query-agnostic by default: the question is not seen, and any number of
@@ -278,7 +278,9 @@ class CompressedLlama:
         (`snapkv+grkv`, `snapkv+merge`, `knorm+grkv`); `params` go to the
         eviction method or the merge, whichever declares them. The default
         method is Compactor query-agnostic (the best measured, docs/results.md)
-        and SnapKV query-aware."""
+        and SnapKV query-aware. `math="graph"` scores and selects on the
+        cache's own ggml backend (snapkv, knorm, streaming eviction on the
+        patched build; see compressor.compress_cache)."""
         m, merge = parse_method(default_method(method, question is not None), **params)
         check_method_supported(self.info, m)
         if question is not None and (m.context_scorer or _needs_reread(m, merge)):
@@ -287,7 +289,8 @@ class CompressedLlama:
         with self._keep_context_on_failure():
             tokens = self._tokens_for(context)
             q = self._question_tokens(question, answer_prefix) if question is not None else []
-            return self._compress(tokens, q, m, merge, ratio=ratio, budget=budget, shared=shared, params=params)
+            return self._compress(tokens, q, m, merge, ratio=ratio, budget=budget, shared=shared, params=params,
+                                  math=math)
 
     def compress_tokens(self, tokens: Sequence[int], *, n_prefix: int = 0, method: str | Method | None = None,
                         ratio: float | None = None, budget: int | None = None, shared: bool = False,
@@ -309,7 +312,7 @@ class CompressedLlama:
             return self._compress(tokens, [], m, merge, ratio=ratio, budget=budget, shared=shared, params=params)
 
     def _compress(self, tokens: list[int], q: list[int], m: Method, merge, *, ratio, budget, shared,
-                  params) -> Stats:
+                  params, math: str = "core") -> Stats:
         """Prefill context `tokens` (+ question `q`, query-aware) and compress."""
         n_ctx_tokens = len(tokens)
         question = bool(q)
@@ -340,7 +343,7 @@ class CompressedLlama:
             self.progress.event("compress", 0, self._live)
             res = compress_cache(self.ctx, self.info, m, merge=merge, ratio=ratio, budget=budget, shared=shared,
                                  capture=self.capture, n_threads=self.n_threads, reread=rr, n_prefix=self._n_prefix,
-                                 captured=captured)
+                                 captured=captured, math=math)
             self.progress.event("compress", self._live, self._live)
         except CompressionError as e:
             # A ratio of a short context falls below what the method always keeps (its
@@ -362,6 +365,7 @@ class CompressedLlama:
         self._settings = dict(method=label, ratio=ratio, budget=budget, shared=shared, params=_jsonable(params))
         self.stats = Stats(method=label, context_tokens=n_ctx_tokens, merge_report=res.merge_report,
                            apply_backend=res.merge_report.get("apply", {}).get("backend", ""),
+                           math=res.merge_report.get("math", "core"),
                            question_tokens=len(tokens) - n_ctx_tokens,
                            kv_cells_before=res.cells_before, kv_cells_after=res.cells_after,
                            kv_bytes_before=res.bytes_before, kv_bytes_after=res.bytes_after,

@@ -28,6 +28,7 @@ class Stats:
     kv_peak: float = 0.0       # and its KV peak, as fractions of the full cache
     peak_rss_bytes: int = 0    # peak resident memory of the process so far
     apply_backend: str = ""    # where the compressed layout went: "inplace" (patched llama.cpp) or "blob"
+    math: str = "core"         # where scores and selection ran: "core" (C++ on host copies) or "graph" (ggml, the cache's backend)
     note: str = ""             # e.g. a context too short to compress, kept whole
     merge_report: dict = field(default_factory=dict)  # GRKV objectives; "apply": backend, read/math/write seconds
 

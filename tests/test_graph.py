@@ -1,7 +1,8 @@
 """The graph path (ggml graphs on the cache's backend) against the C++ core
-and the float64 torch reference: SnapKV scores and per-head selections, on
-random GQA tensors and on K/queries captured from SmolLM2 and Gemma-3. Runs
-on ggml's CPU backend here; the same graph runs on CUDA or Metal builds."""
+and the float64 torch reference: SnapKV, KNorm and StreamingLLM scores and
+per-head selections, on random GQA tensors and on K/queries captured from
+SmolLM2 and Gemma-3. Runs on ggml's CPU backend here; the same graphs run on
+CUDA or Metal builds."""
 
 import numpy as np
 import pytest
@@ -21,14 +22,17 @@ def random_layer(seed, T=97, Hkv=2, G=3, d=16, w=8):
     return k, q, pos, qpos, Hkv * G
 
 
-def check_against_core(k, pos, q, qpos, H, scale, budget, softcap=0.0, kernel=5, n_threads=1):
-    s_core, prot = _native.score_layer("snapkv", k, pos, q, qpos, n_head=H, scale=scale, kernel=kernel,
-                                       softcap=softcap)
-    s_graph, keep, backend = _native.graph_snapkv_select(k, pos, q, qpos, H, scale, budget, kernel=kernel,
-                                                         n_threads=n_threads, softcap=softcap)
+def check_against_core(k, pos, q, qpos, H, scale, budget, softcap=0.0, kernel=5, n_threads=1, method="snapkv",
+                       n_sink=4):
+    """The graph's scores and kept sets equal the core's score_layer + select_per_head."""
+    s_core, prot = _native.score_layer(method, k, pos, q, qpos, n_head=H, scale=scale, kernel=kernel,
+                                       n_sink=n_sink, softcap=softcap)
+    s_graph, keep, backend = _native.graph_select(method, k, pos, q, qpos, n_head=H, scale=scale, budget=budget,
+                                                  kernel=kernel, n_sink=n_sink, n_threads=n_threads,
+                                                  softcap=softcap)
     assert backend == "CPU"
-    prefix = int((~prot.astype(bool)).sum())
-    np.testing.assert_allclose(s_graph[:, :prefix], s_core[:, :prefix], rtol=1e-4, atol=1e-7)
+    free = ~prot.astype(bool)  # protected tokens: the core ranks them on top, the graph lifts them by a bonus
+    np.testing.assert_allclose(s_graph[:, free], s_core[:, free], rtol=1e-4, atol=1e-7)
     np.testing.assert_array_equal(keep, _native.select_per_head(s_core, prot, budget))
     return s_graph, keep, prot
 
@@ -55,16 +59,38 @@ def test_snapkv_graph_window_only_and_whole_budget():
     assert (keep == np.arange(T)).all()
 
 
-def test_snapkv_graph_errors():
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("shape", [dict(Hkv=2, G=3, d=16), dict(Hkv=1, G=4, d=32)])
+def test_knorm_and_streaming_graphs_match_core_and_reference(seed, shape):
+    k, _, pos, _, H = random_layer(seed, **shape)
+    T, Hkv = k.shape[0], k.shape[1]
+    s, keep, _ = check_against_core(k, pos, None, None, H, 1.0, 30, method="knorm")
+    rs, rprot = ref.knorm_scores(k)
+    np.testing.assert_allclose(s, rs.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(keep, ref.select(rs, rprot, 30).numpy())
+    _, keep, _ = check_against_core(k, pos, None, None, H, 1.0, 20, method="streaming", n_sink=4)
+    rs, rprot = ref.streaming_scores(T, Hkv, 4)
+    np.testing.assert_array_equal(keep, ref.select(rs, rprot, 20).numpy())
+    assert (keep == np.r_[0:4, T - 16:T]).all()  # sinks and the most recent tokens
+
+
+def test_graph_errors():
     k, q, pos, qpos, H = random_layer(0)
-    with pytest.raises(_native.NativeError, match="window is always kept"):
-        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, len(qpos) - 1)
+    sel = _native.graph_select
+    with pytest.raises(_native.NativeError, match="protected tokens are always kept"):
+        sel("snapkv", k, pos, q, qpos, n_head=H, scale=0.25, budget=len(qpos) - 1)
     with pytest.raises(_native.NativeError, match="no ggml backend named"):
-        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, 40, backend="NoSuchGPU0")
+        sel("snapkv", k, pos, q, qpos, n_head=H, scale=0.25, budget=40, backend="NoSuchGPU0")
     with pytest.raises(_native.NativeError, match="odd and positive"):
-        _native.graph_snapkv_select(k, pos, q, qpos, H, 0.25, 40, kernel=4)
+        sel("snapkv", k, pos, q, qpos, n_head=H, scale=0.25, budget=40, kernel=4)
     with pytest.raises(_native.NativeError, match="inconsistent shapes"):
-        _native.graph_snapkv_select(k, pos, q[:, :-1], qpos, H, 0.25, 40)
+        sel("snapkv", k, pos, q[:, :-1], qpos, n_head=H, scale=0.25, budget=40)
+    with pytest.raises(_native.NativeError, match="observation window"):
+        sel("snapkv", k, pos, n_head=H, scale=0.25, budget=40)
+    with pytest.raises(_native.NativeError, match="not 'expected'"):
+        sel("expected", k, pos, budget=40)
+    with pytest.raises(_native.NativeError, match="outside"):
+        sel("knorm", k, pos, budget=len(pos) + 1)
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
@@ -107,9 +133,10 @@ def test_snapkv_graph_on_captured_model_data(model, request):
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_graph_path_compression_writes_what_the_core_writes(model, request):
-    """compress_cache(math="graph"): SnapKV selected on the cache's backend from
-    its K tensors gives the core's kept sets and a byte-identical cache; a
-    request the graph path cannot run is refused with the context unchanged."""
+    """compress_cache(math="graph"): SnapKV, KNorm and StreamingLLM selected on
+    the cache's backend from its K tensors give the core's kept sets and a
+    byte-identical cache; a request the graph path cannot run is refused with
+    the context unchanged."""
     from grkv_cpp import kvstate
     from grkv_cpp.compressor import capture_positions, captured_queries, compress_cache
     from grkv_cpp.errors import CompressionError
@@ -129,15 +156,22 @@ def test_graph_path_compression_writes_what_the_core_writes(model, request):
         m._prefill(toks, positions, whole=True)
         captured = captured_queries(m.capture, m.info)
         full = kvstate.get_blob(m.ctx)
-        results = {}
-        for math in ("core", "graph"):
-            assert kvstate.set_blob(m.ctx, full)
-            res = compress_cache(m.ctx, m.info, method, ratio=0.5, captured=captured, n_threads=2, math=math)
-            assert res.merge_report["math"] == math
-            results[math] = (res.keep, kvstate.get_blob(m.ctx))
-        assert results["graph"][0].shape == results["core"][0].shape
-        np.testing.assert_array_equal(results["graph"][0], results["core"][0])
-        assert results["graph"][1] == results["core"][1]
+        for name in ("snapkv", "knorm", "streaming"):
+            meth, _ = parse_method(name)
+            results = {}
+            for math in ("core", "graph"):
+                assert kvstate.set_blob(m.ctx, full)
+                res = compress_cache(m.ctx, m.info, meth, ratio=0.5, captured=captured, n_threads=2, math=math)
+                assert res.merge_report["math"] == math
+                results[math] = (res.keep, kvstate.get_blob(m.ctx))
+            assert results["graph"][0].shape == results["core"][0].shape
+            np.testing.assert_array_equal(results["graph"][0], results["core"][0])
+            assert results["graph"][1] == results["core"][1], name
+        max_pool, _ = parse_method("snapkv", pooling="max")  # not in the graph path
+        assert kvstate.set_blob(m.ctx, full)
+        with pytest.raises(CompressionError, match="graph path"):
+            compress_cache(m.ctx, m.info, max_pool, ratio=0.5, captured=captured, math="graph")
+        assert kvstate.get_blob(m.ctx) == full
         # refused: a merge, with the cache left as it was
         _, grkv = parse_method("snapkv+grkv")
         assert kvstate.set_blob(m.ctx, full)
@@ -146,3 +180,39 @@ def test_graph_path_compression_writes_what_the_core_writes(model, request):
         assert kvstate.get_blob(m.ctx) == full
     finally:
         m.close()
+
+
+def test_math_graph_through_the_api_and_cli(smollm2_gguf, tmp_path):
+    """compress(math="graph") and `ask --math graph`: the same kept cells and
+    answer as the core, and the stats say where the math ran."""
+    import json
+
+    from click.testing import CliRunner
+
+    from grkv_cpp.cli import main
+    from grkv_cpp.llm import CompressedLlama
+    from grkv_cpp.loader import quiet
+    from grkv_cpp.texts import haystack, passkey_needle
+
+    needle = passkey_needle(60427)
+    context = haystack(12, [(0.5, needle)])
+    with quiet():
+        m = CompressedLlama(smollm2_gguf, n_ctx=1024, n_threads=2)
+    try:
+        answers = {}
+        for math in ("core", "graph"):
+            st = m.compress(context, method="snapkv", ratio=0.5, math=math)
+            assert st.math == math
+            answers[math] = (st.kv_cells_after, m.ask(needle.question, max_tokens=8))
+        assert answers["graph"] == answers["core"]
+    finally:
+        m.close()
+    f = tmp_path / "ctx.txt"
+    f.write_text(context)
+    r = CliRunner().invoke(main, ["ask", "--model", str(smollm2_gguf), "--context-file", str(f), "--question",
+                                  needle.question, "--method", "knorm", "--math", "graph", "--json", "--max-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["results"][0]["stats"]["math"] == "graph"
+    r = CliRunner().invoke(main, ["ask", "--model", str(smollm2_gguf), "--context-file", str(f), "--question", "q",
+                                  "--method", "snapkv", "--math", "graph", "--query-aware"])
+    assert r.exit_code != 0 and "--math graph runs a plain compression" in r.output
