@@ -145,6 +145,7 @@ PYBIND11_MODULE(_native, m) {
             a.seq_cells = reinterpret_cast<decltype(a.seq_cells)>(get("seq_cells"));
             a.read = reinterpret_cast<decltype(a.read)>(get("read"));
             a.seq_apply = reinterpret_cast<decltype(a.seq_apply)>(get("seq_apply"));
+            a.seq_gather = reinterpret_cast<decltype(a.seq_gather)>(get("seq_gather"));
             return a;
         }));
     m.def("inplace_read", [](const kvx::Api & api, uintptr_t ctx, int32_t seq, int rows_of) {
@@ -155,6 +156,17 @@ PYBIND11_MODULE(_native, m) {
         py::gil_scoped_release nogil;
         inplace_apply(api, reinterpret_cast<void *>(ctx), seq, st, part);
     }, py::arg("api"), py::arg("ctx"), py::arg("state"), py::arg("part") = 0, py::arg("seq") = 0);
+    m.def("inplace_gather", [](const kvx::Api & api, uintptr_t ctx, int part, carray<int32_t> keep,
+                               carray<int32_t> pos, int32_t seq) {
+        if (keep.ndim() != 3 || pos.ndim() != 1 || keep.shape(2) != pos.shape(0)) {
+            throw Error("inplace_gather: keep must be [n_layer, n_head_kv, n] and positions [n]");
+        }
+        const int hkv = (int) keep.shape(1);
+        std::vector<int32_t> k(keep.data(), keep.data() + keep.size()), p(pos.data(), pos.data() + pos.size());
+        py::gil_scoped_release nogil;
+        return inplace_gather(api, reinterpret_cast<void *>(ctx), seq, part, k, hkv, p);
+    }, py::arg("api"), py::arg("ctx"), py::arg("part"), py::arg("keep"), py::arg("positions"), py::arg("seq") = 0,
+       "Gather the layout on the cache's backend; False (cache unchanged) where it cannot be gathered byte for byte");
 
     py::class_<GrkvParams>(m, "GrkvParams")
         .def(py::init<>())
@@ -220,8 +232,16 @@ PYBIND11_MODULE(_native, m) {
                  }
                  return d;
              }, py::arg("part"))
+        .def("has_rows",
+             [](const SeqState & s, int part) {
+                 if (part < 0 || part >= (int) s.parts.size()) throw Error("no memory part " + std::to_string(part));
+                 const int a = s.parts[part].active_stream();
+                 if (a < 0) return false;
+                 const Stream & st = s.parts[part].streams[a];
+                 return st.cell_count == 0 || (!st.k.empty() && !st.k[0].bytes.empty());
+             }, py::arg("part"), "Whether part `part` holds its K/V rows (not only cells and sizes)")
         .def("apply_keep",
-             [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end) {
+             [](SeqState & s, int part, carray<int32_t> keep, int32_t label_end, py::object positions) {
                  if (keep.ndim() != 3) throw Error("keep must be [n_layer, n_head_kv, budget]");
                  Stream & st = active_mut(s, part);
                  if ((size_t) keep.shape(0) != st.k.size()) throw Error("keep has the wrong number of layers");
@@ -232,10 +252,16 @@ PYBIND11_MODULE(_native, m) {
                      if (t < 0 || t >= view.n_tokens()) throw Error("keep names a token the cache does not hold");
                  }
                  Stream ns = compact_per_head(view, k, Hkv, budget, label_end);
+                 if (!positions.is_none()) {  // a shared plan keeps its tokens' own positions
+                     auto p = positions.cast<carray<int32_t>>();
+                     if (p.ndim() != 1 || p.shape(0) != budget) throw Error("positions must be [budget]");
+                     ns.pos.assign(p.data(), p.data() + budget);
+                 }
                  st = std::move(ns);
              },
-             py::arg("part"), py::arg("keep"), py::arg("label_end"),
-             "Rebuild part `part` keeping keep[l, h, :] (position-order token indices) per head, the layout compress() writes")
+             py::arg("part"), py::arg("keep"), py::arg("label_end"), py::arg("positions") = py::none(),
+             "Rebuild part `part` keeping keep[l, h, :] (position-order token indices) per head, the layout compress() "
+             "writes, at the positions label_end-budget+1 .. label_end or at `positions`")
         .def("positions", [](const SeqState & s, int part) {
                  StreamView v(active(s, part));
                  return to_numpy(v.positions(), {(py::ssize_t) v.n_tokens()});
@@ -273,8 +299,9 @@ PYBIND11_MODULE(_native, m) {
                 const std::string & merge, const GrkvParams & grkv, float guard, const py::list & surrogate, int32_t window_start, int n_threads,
                 float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
                 py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
-                float headwise_alpha, py::object key_pos, float softcap) {
+                float headwise_alpha, py::object key_pos, float softcap, bool plan_only) {
                  CompressRequest req;
+                 req.plan_only = plan_only;
                  req.headwise = headwise;
                  req.headwise_alpha = headwise_alpha;
                  req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold, protect_divisor);
@@ -337,6 +364,8 @@ PYBIND11_MODULE(_native, m) {
                                               py::arg("cg_steps") = t.cg_steps);
                  }
                  const int slots = out.slots;
+                 rep["positions"] = to_numpy(std::move(out.positions), {slots});
+                 rep["rebuilt"] = out.rebuilt;
                  if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, slots});
                  if (!out.headwise_count.empty()) {
                      rep["headwise_count"] = to_numpy(std::move(out.headwise_count), {L, n_head_kv});
@@ -351,7 +380,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
              py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
              py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f, py::arg("key_pos") = py::none(),
-             py::arg("softcap") = 0.0f)
+             py::arg("softcap") = 0.0f, py::arg("plan_only") = false)
         ;
 
     py::class_<ContextParams>(m, "ContextParams")

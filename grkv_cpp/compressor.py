@@ -208,7 +208,10 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         raise BadRequestError(f"math must be 'core' or 'graph', not {math!r}")
     t0 = time.perf_counter()
     be = apply_backend(backend)
-    state = be.read(ctx)
+    # eviction without a merge changes no row: a backend that gathers applies the
+    # plan where the cache lives, and the graph path then needs no row on the host
+    gather = merge is None and be.gathers
+    state = be.read(ctx, rows=not (gather and math == "graph"))
     info0 = state.part_info(PART)
     _set_rotation(state, info, info0)  # merged rows are written back rotated and requantised
     t_read = time.perf_counter() - t0
@@ -260,30 +263,42 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
             t1 = time.perf_counter()
             if math == "graph":
                 keep, report = _graph_select(ctx, be, info, method, merge, shared, queries, B, threads)
-                state.apply_keep(PART, keep, label_end)
+                report.update(positions=np.arange(label_end - keep.shape[2] + 1, label_end + 1, dtype=np.int32),
+                              rebuilt=False)
             else:
                 keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv,
                                               scale=info.attn_scale, softcap=info.attn_softcap, queries=queries,
                                               budget=B, shared=shared, label_end=label_end, surrogate=surrogate,
                                               window_start=window_start, n_threads=threads, history=history,
-                                              **method.native_args(), **margs, **ctx_args)
+                                              plan_only=gather, **method.native_args(), **margs, **ctx_args)
             t_math = time.perf_counter() - t1
         except NativeError as e:
             raise CompressionError(str(e)) from e
+        report = dict(report)
+        new_pos, rebuilt = report.pop("positions"), report.pop("rebuilt")
         # checked before the write: llama.cpp continues at the last position + 1
-        new_last = int(state.positions(PART)[-1])
-        if new_last != label_end:
-            raise CompressionError(f"the compressed layout ends at position {new_last}, expected {label_end}")
+        if int(new_pos[-1]) != label_end:
+            raise CompressionError(f"the compressed layout ends at position {int(new_pos[-1])}, expected {label_end}")
         t1 = time.perf_counter()
-        be.write(ctx, state, PART)
+        written = "rows"
+        if not rebuilt:
+            if be.gather(ctx, keep, new_pos, PART):
+                written = "gather"
+            else:  # this cache cannot be gathered byte for byte (still unchanged): host rows
+                if not state.has_rows(PART):
+                    state = be.read(ctx)
+                    _set_rotation(state, info, info0)
+                state.apply_keep(PART, keep, label_end, positions=new_pos)
+        if written == "rows":
+            be.write(ctx, state, PART)
         t_write = time.perf_counter() - t1
         pmin, pmax = kvstate.pos_range(ctx)
         if pmax != label_end:
             raise CompressionError(f"after compression the last position reads {pmax}, expected {label_end}")
-    bytes_after = kvstate.kv_bytes(state)
     # head-wise budgets keep as many cells as their busiest head's allocation
-    report = dict(report)
+    bytes_after = bytes_before - per_cell[PART] * (n_cells - int(keep.shape[2]))
     report.setdefault("math", "core")
-    report["apply"] = {"backend": be.name, "read_s": t_read, "math_s": t_math, "write_s": t_write}
+    report["apply"] = {"backend": be.name, "read_s": t_read, "math_s": t_math, "write_s": t_write,
+                       "write": written}
     return CompressResult(n_cells, int(keep.shape[2]), bytes_before, bytes_after, time.perf_counter() - t0, keep,
                           positions, per_cell, report)

@@ -10,11 +10,19 @@ The cache is filled with random f16 rows through a state blob (n cells at
 positions 0..n-1) instead of a prefill: the timings depend on the cells, not on
 what they hold, and a 16K prefill would take minutes. Each configuration runs
 KNorm (its scoring is a norm per key, so the split shows the apply cost) with
-each backend from the same cache, `--repeat` times, and reports the medians
-of read, math and write, with the compression's total. The blob backend's
-read is llama_state_seq_get_data + parse, its write serialise +
-llama_state_seq_set_data; the in-place backend's read is llama_kv_ext_read of
-the sequence's cells, its write llama_kv_ext_seq_apply."""
+each way of applying from the same cache, `--repeat` times, and reports the
+medians of read, math and write, with the compression's total:
+
+  blob          llama_state_seq_get_data + parse; the math (scores, selection,
+                the new layout's rows built on the host); serialise +
+                llama_state_seq_set_data
+  inplace-rows  llama_kv_ext_read of the sequence's cells; the same math;
+                llama_kv_ext_seq_apply of the host rows (GRKV_GATHER=0)
+  inplace       llama_kv_ext_read; scores and selection only (the plan);
+                llama_kv_ext_seq_gather (a ggml graph on the cache's backend)
+  inplace-graph no row read (cells and sizes only); scores and selection as
+                ggml graphs over the cache's tensors; llama_kv_ext_seq_gather:
+                only indices cross between the cache's device and the host"""
 
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from grkv_cpp import kvstate
-from grkv_cpp.apply import patched_library
+from grkv_cpp.apply import InplaceBackend, patched_library
 from grkv_cpp.compressor import compress_cache
 from grkv_cpp.llm import CompressedLlama
 from grkv_cpp.loader import quiet
@@ -37,6 +45,9 @@ from grkv_cpp.methods import KNorm
 from grkv_cpp.models import resolve_model
 
 F16 = 1
+# name: (backend, math, gather) -- see the module doc
+WAYS = {"blob": ("blob", "core", False), "inplace-rows": ("inplace", "core", False),
+        "inplace": ("inplace", "core", True), "inplace-graph": ("inplace", "graph", True)}
 
 
 def _layout(blob: bytes):
@@ -126,18 +137,22 @@ def main():
             m._eval([1, 2, 3, 4])
             blob = synthetic_blob(kvstate.get_blob(m.ctx), n, rng)
             for ratio in map(float, a.ratios.split(",")):
-                for be in ("blob", "inplace"):
+                for way in WAYS:
+                    be, math, gather = WAYS[way]
                     runs = []
                     for _ in range(a.repeat):
                         if not kvstate.set_blob(m.ctx, blob):
                             sys.exit("llama.cpp rejected the synthetic cache")
                         t0 = time.perf_counter()
-                        res = compress_cache(m.ctx, m.info, KNorm(), ratio=ratio, n_threads=m.n_threads, backend=be)
+                        res = compress_cache(m.ctx, m.info, KNorm(), ratio=ratio, n_threads=m.n_threads,
+                                             backend=be if be == "blob" else InplaceBackend(gather=gather),
+                                             math=math)
                         total = time.perf_counter() - t0
                         ap_ = res.merge_report["apply"]
                         runs.append((ap_["read_s"], ap_["math_s"], ap_["write_s"], total))
                     med = [statistics.median(r[i] for r in runs) for i in range(4)]
-                    row = {"model": name, "cells": n, "ratio": ratio, "backend": be, "flash_attn": a.flash_attn,
+                    row = {"model": name, "cells": n, "ratio": ratio, "backend": way, "math": math,
+                           "write": ap_["write"], "flash_attn": a.flash_attn,
                            "read_s": med[0], "math_s": med[1], "write_s": med[2], "compress_s": med[3],
                            "apply_s": med[0] + med[2], "kv_bytes_before": res.bytes_before,
                            "kv_bytes_after": res.bytes_after, "repeat": a.repeat}
@@ -146,7 +161,7 @@ def main():
             m.close()
     by = {(r["model"], r["cells"], r["ratio"], r["backend"]): r for r in rows}
     for (mod, n, ratio, be), r in by.items():
-        if be == "inplace":
+        if be != "blob":
             b = by[(mod, n, ratio, "blob")]
             r["apply_speedup_vs_blob"] = b["apply_s"] / r["apply_s"]
             r["compress_speedup_vs_blob"] = b["compress_s"] / r["compress_s"]

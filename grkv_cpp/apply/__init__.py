@@ -26,8 +26,11 @@ __all__ = ["Backend", "BlobBackend", "InplaceBackend", "backend", "patched_libra
 _CHOICES = ("auto", "blob", "inplace")
 
 
-def backend(name: str | None = None) -> Backend:
-    """The backend called `name` (or GRKV_APPLY, or the best available)."""
+def backend(name: str | Backend | None = None) -> Backend:
+    """The backend called `name` (or GRKV_APPLY, or the best available); a
+    Backend given is returned as it is."""
+    if isinstance(name, Backend):
+        return name
     name = (name or os.environ.get("GRKV_APPLY") or "auto").lower()
     if name not in _CHOICES:
         raise BadRequestError(f"apply backend must be one of {', '.join(_CHOICES)}, not {name!r}")

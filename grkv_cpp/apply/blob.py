@@ -16,7 +16,8 @@ class BlobBackend(Backend):
     def __init__(self):
         self._blob = b""
 
-    def read(self, ctx) -> _native.SeqState:
+    def read(self, ctx, part: int | None = 0, rows: bool = True) -> _native.SeqState:
+        # the blob always brings every row
         self._blob = kvstate.get_blob(ctx)
         return kvstate.parse(self._blob)
 

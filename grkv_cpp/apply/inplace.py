@@ -3,14 +3,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import llama_cpp.llama_cpp as L
+import numpy as np
 
 from .. import _native
 from ..errors import CompressionError, NativeError
 from .base import Backend
 
-_FUNCS = ("version", "n_parts", "get_part", "get_layer", "seq_cells", "read", "seq_apply")
+_NO_PART = -2  # inplace_read's rows_of that matches no part: cells and sizes only
+_FUNCS = ("version", "n_parts", "get_part", "get_layer", "seq_cells", "read", "seq_apply", "seq_gather")
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,12 +42,17 @@ class InplaceBackend(Backend):
 
     name = "inplace"
 
-    def read(self, ctx, part: int | None = 0) -> _native.SeqState:
+    def __init__(self, gather: bool | None = None):
+        # GRKV_GATHER=0 writes host rows even for eviction plans (to compare the two)
+        self.gathers = os.environ.get("GRKV_GATHER", "1") != "0" if gather is None else gather
+
+    def read(self, ctx, part: int | None = 0, rows: bool = True) -> _native.SeqState:
         """The rows of cache part `part` only (the compressed one; the others
         bring their cells and row sizes, for the byte counts), or of every
-        part with part=None."""
+        part with part=None, or of none with rows=False."""
+        rows_of = (-1 if part is None else part) if rows else _NO_PART
         try:
-            return _native.inplace_read(_api(), _addr(ctx), rows_of=-1 if part is None else part)
+            return _native.inplace_read(_api(), _addr(ctx), rows_of=rows_of)
         except NativeError as e:
             raise CompressionError(str(e)) from e
 
@@ -58,6 +66,17 @@ class InplaceBackend(Backend):
     def write(self, ctx, state: _native.SeqState, part: int = 0):
         try:
             _native.inplace_apply(_api(), _addr(ctx), state, part)
+        except NativeError as e:
+            raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
+
+    def gather(self, ctx, keep, positions, part: int = 0) -> bool:
+        """llama_kv_ext_seq_gather: the kept rows are gathered by a ggml graph
+        on the backend that holds the cache; only the indices cross."""
+        if not self.gathers:
+            return False
+        try:
+            return _native.inplace_gather(_api(), _addr(ctx), part, np.ascontiguousarray(keep, np.int32),
+                                          np.ascontiguousarray(positions, np.int32))
         except NativeError as e:
             raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
 

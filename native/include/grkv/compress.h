@@ -93,10 +93,14 @@ struct CompressRequest {
     std::vector<std::vector<float>> history;  // G-KV, compactor: carried per-cell scores [n_head_kv][n_cells] per layer, or empty
     std::string headwise = "none";         // none | adakv (per layer) | global (over layers): head-wise budgets
     float headwise_alpha = 0.2f;           // their per-head floor, as a fraction of the budget
+    bool plan_only = false;                // eviction without a merge: leave the stream as it is and return
+                                           // the plan (keep, positions) for a backend that gathers itself
 };
 
 struct CompressOutcome {
     std::vector<int32_t> keep;             // [L][n_head_kv][slots]
+    std::vector<int32_t> positions;        // [slots]: the new cells' positions
+    bool rebuilt = true;                   // false: plan_only left the stream as read
     int slots = 0;                         // cells kept: the budget, or a head-wise allocation's busiest head
     std::vector<int32_t> headwise_count;   // head-wise budgets: each head's own allocation [L][n_head_kv]
     MergeReport report;

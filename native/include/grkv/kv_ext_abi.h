@@ -9,7 +9,7 @@
 
 namespace grkv::kvx {
 
-constexpr int32_t kVersion = 1;
+constexpr int32_t kVersion = 2;
 
 struct PartInfo {
     int32_t n_layer;
@@ -35,6 +35,8 @@ struct Api {
                     void * k_out, void * v_out) = nullptr;
     int32_t (*seq_apply)(void * ctx, int32_t part, int32_t seq, int32_t n, const int32_t * pos,
                          const void * const * k_rows, const void * const * v_data) = nullptr;
+    int32_t (*seq_gather)(void * ctx, int32_t part, int32_t seq, int32_t n, const int32_t * pos, int32_t n_head_kv,
+                          const int32_t * const * src) = nullptr;
 };
 
 }  // namespace grkv::kvx

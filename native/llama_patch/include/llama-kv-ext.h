@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_KV_EXT_VERSION 1
+#define LLAMA_KV_EXT_VERSION 2
 
 #define LLAMA_KV_EXT_E_NOT_KV     -1  // the context's memory is not a KV cache (recurrent, hybrid, none)
 #define LLAMA_KV_EXT_E_PART       -2  // no such cache part
@@ -26,7 +26,8 @@ extern "C" {
 #define LLAMA_KV_EXT_E_SEQ        -4  // bad sequence id, or a cell shared with another sequence
 #define LLAMA_KV_EXT_E_ARG        -5  // a bad count, position order, cell index or null pointer
 #define LLAMA_KV_EXT_E_ROOM       -6  // not enough free cells for the new layout
-#define LLAMA_KV_EXT_E_UNSUPPORTED -7 // the cache stores per-cell extensions (M-RoPE, PLE)
+#define LLAMA_KV_EXT_E_UNSUPPORTED -7 // the cache stores per-cell extensions (M-RoPE, PLE), or the layout cannot be gathered
+#define LLAMA_KV_EXT_E_ALLOC      -8  // the backend could not allocate the gather's work buffer
 
 // The version of this API (LLAMA_KV_EXT_VERSION of the build).
 LLAMA_API int32_t llama_kv_ext_version(void);
@@ -86,6 +87,26 @@ LLAMA_API int32_t llama_kv_ext_read(struct llama_context * ctx, int32_t part, ll
 LLAMA_API int32_t llama_kv_ext_seq_apply(struct llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n,
                                          const llama_pos * pos, const void * const * k_rows,
                                          const void * const * v_data);
+
+// Replace sequence `seq`'s cells in part `part` with `n` new cells gathered
+// from the cells it holds now, on the backend that holds the cache (a ggml
+// graph of get_rows and copies; on a GPU only these indices cross from the
+// host). New cell i gets position pos[i] (strictly ascending). In layer l,
+// KV head h of new cell i takes its K and V head slices from cell
+// src[l][h * n + i], which must be one of the sequence's cells (as listed by
+// llama_kv_ext_seq_cells). n_head_kv splits every layer's K and V rows into
+// equal head slices.
+//
+// Bytes are copied exactly: K rows, and V rows when V is not transposed, move
+// as raw 4-byte words (any cache type, quantised included, whose head slice is
+// a whole number of blocks and of 4-byte words); a transposed V (f16, bf16,
+// f32) moves through f32, which is exact for these types. Otherwise
+// LLAMA_KV_EXT_E_UNSUPPORTED, and llama_kv_ext_seq_apply with host rows is
+// the way. The cells are placed as llama_kv_ext_seq_apply places them. Every
+// check and the work buffer's allocation run before the first write; on an
+// error the cache is unchanged. Returns n.
+LLAMA_API int32_t llama_kv_ext_seq_gather(struct llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n,
+                                          const llama_pos * pos, int32_t n_head_kv, const int32_t * const * src);
 
 // Called by llama_decode after a successful batch, once per sequence in the
 // batch, with the positions [p0, p1] that sequence now holds in part 0. The

@@ -9,9 +9,14 @@
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
+#include <map>
 #include <set>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -66,6 +71,97 @@ void copy_runs(const llama_kv_ext_layer & L, bool v_trans, uint32_t kv_size, siz
             for (int32_t j = 0; j < L.n_embd_v; ++j) {
                 io(L.v, vb + ((size_t) j * n + r.i) * el, ((size_t) j * kv_size + r.cell) * el, r.n * el);
             }
+        }
+    }
+}
+
+
+// Whether one KV head's slice of tensor t's rows (`n_embd` elements over
+// `n_head_kv` heads) is whole blocks and whole 4-byte words, so that it can
+// move as raw words.
+bool words_per_head(const ggml_tensor * t, int64_t n_embd, int64_t n_head_kv) {
+    if (n_embd % n_head_kv) return false;
+    const int64_t per = n_embd / n_head_kv;
+    if (per % ggml_blck_size(t->type)) return false;
+    return ggml_row_size(t->type, per) % 4 == 0;
+}
+
+// A tensor of type `type` over the bytes of cache tensor `t` (no copy).
+ggml_tensor * alias_of(ggml_context * c, ggml_tensor * t, ggml_type type, int64_t ne0, int64_t ne1) {
+    ggml_tensor * a = ggml_new_tensor_2d(c, type, ne0, ne1);
+    GGML_ASSERT(ggml_nbytes(a) <= ggml_nbytes(t));
+    a->op = GGML_OP_VIEW;
+    a->src[0] = t;
+    a->view_src = t->view_src ? t->view_src : t;
+    a->view_offs = t->view_src ? t->view_offs : 0;
+    a->data = t->data;
+    a->buffer = t->buffer;
+    return a;
+}
+
+}  // namespace
+
+// One layer's gather: its cache tensors, the word rows to take, and the graph.
+struct gather_layer {
+    llama_kv_ext_layer L{};
+    std::vector<int32_t> rows;  // [n * n_head_kv], slot-major
+    ggml_context_ptr ctx;
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor * idx = nullptr;
+};
+
+namespace {
+
+// get_rows of the kept head slices into the work buffer, then copies into the
+// new cells' runs `rr`. Every gather comes before the first copy in the graph,
+// and the backends compute a graph's nodes in order, so no source is
+// overwritten before it is read.
+void build_gather(gather_layer & g, int64_t Hkv, int32_t n, uint32_t kv_size, bool v_trans, const std::vector<run> & rr) {
+    const size_t n_nodes = 16 + 8 * rr.size();
+    ggml_init_params ip{ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true};
+    g.ctx.reset(ggml_init(ip));
+    ggml_context * c = g.ctx.get();
+    g.gf = ggml_new_graph_custom(c, n_nodes, false);
+    g.idx = ggml_new_tensor_1d(c, GGML_TYPE_I32, (int64_t) n * Hkv);
+    ggml_set_input(g.idx);
+
+    // raw words: [words per head, kv_size * Hkv] over the cache, gathered slot-major = the new rows' bytes
+    auto words = [&](ggml_tensor * t, uint64_t row_bytes) {
+        const int64_t w = (int64_t) (row_bytes / Hkv / 4);
+        ggml_tensor * a = alias_of(c, t, GGML_TYPE_I32, w, (int64_t) kv_size * Hkv);
+        return std::make_pair(a, ggml_get_rows(c, a, g.idx));  // [w, n * Hkv]
+    };
+    auto [ka, kg] = words(g.L.k, g.L.k_row_bytes);
+    ggml_build_forward_expand(g.gf, kg);
+    ggml_tensor *va = nullptr, *vg = nullptr;
+    if (g.L.v && !v_trans) {
+        std::tie(va, vg) = words(g.L.v, g.L.v_row_bytes);
+        ggml_build_forward_expand(g.gf, vg);
+    } else if (g.L.v) {
+        // transposed V [n_embd_v][kv_size]: transpose on the device, gather head rows, transpose back
+        const int64_t E = g.L.n_embd_v, dv = E / Hkv;
+        const size_t el = ggml_type_size(g.L.v->type);
+        ggml_tensor * vt = ggml_view_2d(c, g.L.v, kv_size, E, kv_size * el, 0);
+        ggml_tensor * vr = ggml_reshape_2d(c, ggml_cont(c, ggml_transpose(c, vt)), dv, (int64_t) kv_size * Hkv);
+        vg = ggml_get_rows(c, vr, g.idx);  // f32 [dv, n * Hkv] = [E, n]
+        ggml_build_forward_expand(g.gf, vg);
+    }
+    for (const run & r : rr) {
+        const int64_t h0 = (int64_t) r.i * Hkv, hn = (int64_t) r.n * Hkv;
+        ggml_tensor * kd = ggml_view_2d(c, ka, ka->ne[0], hn, ka->nb[1], (size_t) r.cell * Hkv * ka->nb[1]);
+        ggml_tensor * ks = ggml_view_2d(c, kg, kg->ne[0], hn, kg->nb[1], (size_t) h0 * kg->nb[1]);
+        ggml_build_forward_expand(g.gf, ggml_cpy(c, ks, kd));
+        if (!vg) continue;
+        if (!v_trans) {
+            ggml_tensor * vd = ggml_view_2d(c, va, va->ne[0], hn, va->nb[1], (size_t) r.cell * Hkv * va->nb[1]);
+            ggml_tensor * vs = ggml_view_2d(c, vg, vg->ne[0], hn, vg->nb[1], (size_t) h0 * vg->nb[1]);
+            ggml_build_forward_expand(g.gf, ggml_cpy(c, vs, vd));
+        } else {
+            const int64_t E = g.L.n_embd_v;
+            const size_t el = ggml_type_size(g.L.v->type);
+            ggml_tensor * vs = ggml_view_2d(c, vg, E, r.n, E * vg->nb[0], (size_t) r.i * E * vg->nb[0]);
+            ggml_tensor * vd = ggml_view_2d(c, g.L.v, r.n, E, kv_size * el, r.cell * el);
+            ggml_build_forward_expand(g.gf, ggml_cpy(c, ggml_transpose(c, vs), vd));
         }
     }
 }
@@ -133,18 +229,13 @@ int32_t llama_kv_cache::ext_read(llama_seq_id seq_id, int32_t ikv, const int32_t
     return 0;
 }
 
-int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llama_pos * pos,
-                                      const void * const * k_rows, const void * const * v_data) {
-    // every check before the first write
+int32_t llama_kv_cache::ext_check_layout(llama_seq_id seq_id, int32_t n, const llama_pos * pos) const {
     if (seq_id < 0 || (size_t) seq_id >= seq_to_stream.size()) return LLAMA_KV_EXT_E_SEQ;
     if (has_cell_ext()) return LLAMA_KV_EXT_E_UNSUPPORTED;
-    const uint32_t strm = seq_to_stream[seq_id];
-    auto & cells = v_cells[strm];
-    if (n < 1 || (uint32_t) n > cells.size() || !pos || !k_rows || !v_data) return LLAMA_KV_EXT_E_ARG;
+    const auto & cells = v_cells[seq_to_stream[seq_id]];
+    if (n < 1 || (uint32_t) n > cells.size() || !pos) return LLAMA_KV_EXT_E_ARG;
     for (int32_t i = 1; i < n; ++i)
         if (pos[i] <= pos[i - 1]) return LLAMA_KV_EXT_E_ARG;
-    for (size_t l = 0; l < layers.size(); ++l)
-        if (!k_rows[l] || (!layers[l].v_stream.empty() && !v_data[l])) return LLAMA_KV_EXT_E_ARG;
     uint32_t room = 0;
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (cells.is_empty(i)) ++room;
@@ -153,9 +244,11 @@ int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llam
             ++room;
         }
     }
-    if ((uint32_t) n > room) return LLAMA_KV_EXT_E_ROOM;
+    return (uint32_t) n > room ? LLAMA_KV_EXT_E_ROOM : 0;
+}
 
-    // place the cells as a single-sequence state restore does (state_read_meta)
+std::vector<uint32_t> llama_kv_cache::ext_place(llama_seq_id seq_id, int32_t n, const llama_pos * pos) {
+    // as a single-sequence state restore places its cells (state_read_meta)
     seq_rm(seq_id, -1, -1);
     llama_batch_allocr balloc(hparams.n_pos_per_embd());
     llama_ubatch ubatch = balloc.ubatch_reserve(n, 1);
@@ -166,17 +259,92 @@ int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llam
         ubatch.seq_id[i] = &seq_id;
     }
     slot_info sinfo = find_slot(ubatch, false);
-    GGML_ASSERT(!sinfo.empty() && sinfo.idxs[0].size() == (size_t) n);  // guaranteed by the room check
+    GGML_ASSERT(!sinfo.empty() && sinfo.idxs[0].size() == (size_t) n);  // guaranteed by ext_check_layout
     apply_ubatch(sinfo, ubatch);
+    return sinfo.idxs[0];
+}
 
-    const std::vector<run> rr = runs_of(sinfo.idxs[0].data(), sinfo.idxs[0].size());
-    const uint32_t kv_size = cells.size();
+int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llama_pos * pos,
+                                      const void * const * k_rows, const void * const * v_data) {
+    // every check before the first write
+    if (const int32_t e = ext_check_layout(seq_id, n, pos)) return e;
+    if (!k_rows || !v_data) return LLAMA_KV_EXT_E_ARG;
+    for (size_t l = 0; l < layers.size(); ++l)
+        if (!k_rows[l] || (!layers[l].v_stream.empty() && !v_data[l])) return LLAMA_KV_EXT_E_ARG;
+
+    const std::vector<uint32_t> dst = ext_place(seq_id, n, pos);
+    const std::vector<run> rr = runs_of(dst.data(), dst.size());
+    const uint32_t kv_size = v_cells[seq_to_stream[seq_id]].size();
     for (size_t l = 0; l < layers.size(); ++l) {
         struct llama_kv_ext_layer L;
         ext_layer((int32_t) l, seq_id, &L);
         // written, never modified: the casts only share copy_runs with the read
         copy_runs(L, v_trans, kv_size, n, rr, static_cast<uint8_t *>(const_cast<void *>(k_rows[l])),
                   static_cast<uint8_t *>(const_cast<void *>(v_data[l])), true);
+    }
+    return n;
+}
+
+int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const llama_pos * pos, int32_t n_head_kv,
+                                       const int32_t * const * src, const ggml_backend_t * backends) {
+    // every check, and the work buffer, before the first write
+    if (const int32_t e = ext_check_layout(seq_id, n, pos)) return e;
+    if (!src || !backends || n_head_kv < 1) return LLAMA_KV_EXT_E_ARG;
+    const uint32_t strm = seq_to_stream[seq_id];
+    const uint32_t kv_size = v_cells[strm].size();
+    // the cells a source may name: the sequence's, as llama_kv_ext_seq_cells lists them
+    std::vector<char> held(kv_size, 0);
+    {
+        const int32_t m = ext_seq_cells(seq_id, nullptr, nullptr, 0);
+        if (m < 0) return m;
+        std::vector<int32_t> c(m);
+        std::vector<llama_pos> p(m);
+        ext_seq_cells(seq_id, c.data(), p.data(), m);
+        for (int32_t x : c) held[x] = 1;
+    }
+    const int64_t Hkv = n_head_kv;
+    std::vector<gather_layer> gl(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+        if (!src[l]) return LLAMA_KV_EXT_E_ARG;
+        if (!backends[l]) return LLAMA_KV_EXT_E_UNSUPPORTED;
+        for (int64_t i = 0; i < Hkv * n; ++i)
+            if (src[l][i] < 0 || (uint32_t) src[l][i] >= kv_size || !held[src[l][i]]) return LLAMA_KV_EXT_E_ARG;
+        ext_layer((int32_t) l, seq_id, &gl[l].L);
+        if (!words_per_head(gl[l].L.k, gl[l].L.n_embd_k, Hkv)) return LLAMA_KV_EXT_E_UNSUPPORTED;
+        if (gl[l].L.v) {
+            const ggml_type vt = gl[l].L.v->type;
+            const bool float_v = vt == GGML_TYPE_F16 || vt == GGML_TYPE_BF16 || vt == GGML_TYPE_F32;
+            if (v_trans ? !float_v || gl[l].L.n_embd_v % Hkv : !words_per_head(gl[l].L.v, gl[l].L.n_embd_v, Hkv)) {
+                return LLAMA_KV_EXT_E_UNSUPPORTED;
+            }
+        }
+        // slot-major head rows: word row (cell * Hkv + h) of the [words, kv_size * Hkv] view
+        gl[l].rows.resize((size_t) n * Hkv);
+        for (int32_t i = 0; i < n; ++i)
+            for (int64_t h = 0; h < Hkv; ++h) gl[l].rows[(size_t) i * Hkv + h] = src[l][h * n + i] * (int32_t) Hkv + (int32_t) h;
+    }
+
+    // reserve the work buffer for every layer's graph (laid out as if the new
+    // cells were 0..n-1: the intermediate sizes do not depend on where they go)
+    // (one allocator per backend: with a partial offload the layers live on several devices)
+    std::map<ggml_backend_t, ggml_gallocr_ptr> galloc;
+    const std::vector<run> one{{0, 0, (uint32_t) n}};
+    for (size_t l = 0; l < gl.size(); ++l) {
+        auto & ga = galloc[backends[l]];
+        if (!ga) ga.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backends[l])));
+        build_gather(gl[l], Hkv, n, kv_size, v_trans, one);
+        if (!ggml_gallocr_reserve(ga.get(), gl[l].gf)) return LLAMA_KV_EXT_E_ALLOC;
+    }
+
+    const std::vector<uint32_t> dst = ext_place(seq_id, n, pos);
+    const std::vector<run> rr = runs_of(dst.data(), dst.size());
+    for (size_t l = 0; l < gl.size(); ++l) {
+        gather_layer & g = gl[l];
+        build_gather(g, Hkv, n, kv_size, v_trans, rr);
+        // reserved above for the same intermediate tensors: no new allocation here
+        GGML_ASSERT(ggml_gallocr_alloc_graph(galloc[backends[l]].get(), g.gf));
+        ggml_backend_tensor_set(g.idx, g.rows.data(), 0, ggml_nbytes(g.idx));
+        GGML_ASSERT(ggml_backend_graph_compute(backends[l], g.gf) == GGML_STATUS_SUCCESS);
     }
     return n;
 }
@@ -190,6 +358,17 @@ void llama_context::ext_set_eval_callback(ggml_backend_sched_eval_callback cb, v
     cparams.cb_eval_user_data = user_data;
     // a reused graph keeps the scheduler's callback: set it there too
     ggml_backend_sched_set_eval_callback(sched.get(), cb, user_data);
+}
+
+ggml_backend_t llama_context::ext_backend_for(ggml_backend_buffer_t buf) {
+    // threads as graph_compute sets them for a batch
+    for (const auto & [be, set_n_threads] : set_n_threads_fns) set_n_threads(be, cparams.n_threads_batch);
+    if (ggml_backend_buffer_is_host(buf) && backend_cpu) return backend_cpu;
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(buf);
+    for (const auto & be : backends) {
+        if (ggml_backend_supports_buft(be.get(), buft)) return be.get();
+    }
+    return nullptr;
 }
 
 //
@@ -250,6 +429,23 @@ int32_t llama_kv_ext_seq_apply(llama_context * ctx, int32_t part, llama_seq_id s
     if (!kv) return err;
     llama_synchronize(ctx);
     return kv->ext_seq_apply(seq, n, pos, k_rows, v_data);
+}
+
+int32_t llama_kv_ext_seq_gather(llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n, const llama_pos * pos,
+                                int32_t n_head_kv, const int32_t * const * src) {
+    int32_t err = 0;
+    llama_kv_cache * kv = part_of(ctx, part, &err);
+    if (!kv) return err;
+    // each layer's graph runs on the backend of the device that holds it
+    std::vector<ggml_backend_t> be(kv->ext_n_layer());
+    for (int32_t l = 0; l < kv->ext_n_layer(); ++l) {
+        llama_kv_ext_layer L;
+        if (const int32_t e = kv->ext_layer(l, seq, &L)) return e;
+        be[l] = ctx->ext_backend_for(L.k->buffer);
+        if (L.v && be[l] != ctx->ext_backend_for(L.v->buffer)) return LLAMA_KV_EXT_E_UNSUPPORTED;
+    }
+    llama_synchronize(ctx);
+    return kv->ext_seq_gather(seq, n, pos, n_head_kv, src, be.data());
 }
 
 void llama_kv_ext_set_hook(llama_context * ctx, llama_kv_ext_hook hook, void * user_data) {

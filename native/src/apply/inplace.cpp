@@ -2,6 +2,8 @@
 // the patched llama.cpp, with no state blob in between.
 #include "grkv/apply.h"
 
+#include <algorithm>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -10,13 +12,15 @@
 namespace grkv {
 namespace {
 
+constexpr int32_t kUnsupported = -7;  // LLAMA_KV_EXT_E_UNSUPPORTED
+
 void check(int32_t rc, const char * what) {
     if (rc < 0) throw Error(std::string("llama_kv_ext_") + what + " failed with code " + std::to_string(rc));
 }
 
 void need(const kvx::Api & api) {
     if (!api.version || !api.n_parts || !api.get_part || !api.get_layer || !api.seq_cells || !api.read ||
-        !api.seq_apply) {
+        !api.seq_apply || !api.seq_gather) {
         throw Error("the loaded libllama has no KV-cache extension (not the patched build)");
     }
     if (api.version() != kvx::kVersion) {
@@ -60,7 +64,7 @@ SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq, int rows_of
 
                 v.row_bytes = li.v_row_bytes;
                 if (info.v_trans) v.el_bytes = (uint32_t) (li.v_row_bytes / li.n_embd_v);
-                if (rows_of < 0 || rows_of == p) {  // else shape only: this part is not compressed
+                if (rows_of == -1 || rows_of == p) {  // else shape only: this part is not compressed
                     k.bytes.resize((size_t) n * li.k_row_bytes);
                     v.bytes.resize((size_t) n * li.v_row_bytes);
                     check(api.read(ctx, p, seq, l, cells.data(), n, k.bytes.data(), v.bytes.data()), "read");
@@ -87,6 +91,38 @@ void inplace_apply(const kvx::Api & api, void * ctx, int32_t seq, const SeqState
         v.push_back(s.v[l].bytes.data());
     }
     check(api.seq_apply(ctx, part, seq, (int32_t) s.cell_count, s.pos.data(), k.data(), v.data()), "seq_apply");
+}
+
+}  // namespace grkv
+
+namespace grkv {
+
+bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, const std::vector<int32_t> & keep,
+                    int n_head_kv, const std::vector<int32_t> & pos) {
+    need(api);
+    const int32_t n = (int32_t) pos.size();
+    if (n < 1 || n_head_kv < 1 || keep.size() % ((size_t) n_head_kv * n)) {
+        throw Error("gather: keep must be [n_layer][n_head_kv][n] for n = " + std::to_string(n) + " new cells");
+    }
+    const size_t L = keep.size() / ((size_t) n_head_kv * n);
+    // token t (position order, as StreamView numbers them) is cell cell_t[t]
+    const int32_t m = api.seq_cells(ctx, part, seq, nullptr, nullptr, 0);
+    check(m, "seq_cells");
+    std::vector<int32_t> cells(m), cpos(m), order(m);
+    if (m) check(api.seq_cells(ctx, part, seq, cells.data(), cpos.data(), m), "seq_cells");
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cpos[a] < cpos[b]; });
+    std::vector<int32_t> src(keep.size());
+    for (size_t i = 0; i < keep.size(); ++i) {
+        if (keep[i] < 0 || keep[i] >= m) throw Error("gather: keep names a token the sequence does not hold");
+        src[i] = cells[order[keep[i]]];
+    }
+    std::vector<const int32_t *> per(L);
+    for (size_t l = 0; l < L; ++l) per[l] = src.data() + l * n_head_kv * n;
+    const int32_t rc = api.seq_gather(ctx, part, seq, n, pos.data(), n_head_kv, per.data());
+    if (rc == kUnsupported) return false;
+    check(rc, "seq_gather");
+    return true;
 }
 
 }  // namespace grkv

@@ -235,21 +235,25 @@ CompressOutcome compress_stream(Stream & st, const CompressRequest & req) {
         // last stored position + 1: the last token must stay
         for (auto & x : sc) x.protect.back() = 1;
         const std::vector<int32_t> one = laser ? select_shared_sum(sc, budget) : select_shared(sc, budget);
+        out.keep.reserve((size_t) L * Hkv * budget);
+        for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
         if (req.merge.name == "none") {
-            Stream ns = compact_shared(view, one);
-            out.keep.reserve((size_t) L * Hkv * budget);
-            for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
+            const std::vector<int32_t> all = view.positions();
+            for (int32_t t : one) out.positions.push_back(all[t]);
             gather_global();
-            st = std::move(ns);
+            out.rebuilt = !req.plan_only;
+            if (out.rebuilt) st = compact_shared(view, one);
             return out;
         }
-        for (int i = 0; i < L * Hkv; ++i) out.keep.insert(out.keep.end(), one.begin(), one.end());
     } else {
         out.keep = select_layers_per_head(sc, budget, req.n_threads);
     }
+    for (int j = 0; j < budget; ++j) out.positions.push_back(req.label_end - budget + 1 + j);
     gather_global();
     Stream ns;
     if (req.merge.name == "none") {
+        out.rebuilt = !req.plan_only;
+        if (!out.rebuilt) return out;
         ns = compact_per_head(view, out.keep, Hkv, budget, req.label_end);
     } else {
         std::vector<float> nk, nv;
