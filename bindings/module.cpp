@@ -157,15 +157,16 @@ PYBIND11_MODULE(_native, m) {
         inplace_apply(api, reinterpret_cast<void *>(ctx), seq, st, part);
     }, py::arg("api"), py::arg("ctx"), py::arg("state"), py::arg("part") = 0, py::arg("seq") = 0);
     m.def("inplace_gather", [](const kvx::Api & api, uintptr_t ctx, int part, carray<int32_t> keep,
-                               carray<int32_t> pos, int32_t seq) {
+                               carray<int32_t> pos, int32_t seq, bool graph) {
         if (keep.ndim() != 3 || pos.ndim() != 1 || keep.shape(2) != pos.shape(0)) {
             throw Error("inplace_gather: keep must be [n_layer, n_head_kv, n] and positions [n]");
         }
         const int hkv = (int) keep.shape(1);
         std::vector<int32_t> k(keep.data(), keep.data() + keep.size()), p(pos.data(), pos.data() + pos.size());
         py::gil_scoped_release nogil;
-        return inplace_gather(api, reinterpret_cast<void *>(ctx), seq, part, k, hkv, p);
+        return inplace_gather(api, reinterpret_cast<void *>(ctx), seq, part, k, hkv, p, graph);
     }, py::arg("api"), py::arg("ctx"), py::arg("part"), py::arg("keep"), py::arg("positions"), py::arg("seq") = 0,
+       py::arg("graph") = false,
        "Gather the layout on the cache's backend; False (cache unchanged) where it cannot be gathered byte for byte");
 
     py::class_<GrkvParams>(m, "GrkvParams")

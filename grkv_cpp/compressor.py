@@ -283,7 +283,7 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         written = "rows"
         if not rebuilt:
             if be.gather(ctx, keep, new_pos, PART):
-                written = "gather"
+                written = "gather:graph" if getattr(be, "gather_graph", False) else "gather"
             else:  # this cache cannot be gathered byte for byte (still unchanged): host rows
                 if not state.has_rows(PART):
                     state = be.read(ctx)

@@ -19,10 +19,12 @@ medians of read, math and write, with the compression's total:
   inplace-rows  llama_kv_ext_read of the sequence's cells; the same math;
                 llama_kv_ext_seq_apply of the host rows (GRKV_GATHER=0)
   inplace       llama_kv_ext_read; scores and selection only (the plan);
-                llama_kv_ext_seq_gather (a ggml graph on the cache's backend)
+                llama_kv_ext_seq_gather (the library copies a host-memory
+                cache's kept slices itself)
   inplace-graph no row read (cells and sizes only); scores and selection as
-                ggml graphs over the cache's tensors; llama_kv_ext_seq_gather:
-                only indices cross between the cache's device and the host"""
+                ggml graphs over the cache's tensors; llama_kv_ext_seq_gather
+                as a ggml graph (LLAMA_KV_EXT_GATHER_GRAPH): what a GPU cache
+                runs, here on the CPU backend; only indices cross"""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from grkv_cpp.models import resolve_model
 F16 = 1
 # name: (backend, math, gather) -- see the module doc
 WAYS = {"blob": ("blob", "core", False), "inplace-rows": ("inplace", "core", False),
-        "inplace": ("inplace", "core", True), "inplace-graph": ("inplace", "graph", True)}
+        "inplace": ("inplace", "core", True), "inplace-graph": ("inplace", "graph", "graph")}
 
 
 def _layout(blob: bytes):

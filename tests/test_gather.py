@@ -28,11 +28,13 @@ PROBE = [5, 9, 13, 21]
 
 
 def _gather_and_rows(m, monkeypatch, context=CONTEXT, **kw):
-    """The same prefill compressed in place twice: gathered, and written as host rows."""
+    """The same prefill compressed in place three ways: gathered by the
+    library's host copy ("1", what a CPU cache gets), by its ggml graph on the
+    CPU backend ("graph", what a GPU cache gets), and written as host rows ("0")."""
     st = m.prefill_state(context, window=ALL_QUERIES)
     out = {}
     monkeypatch.setenv("GRKV_APPLY", "inplace")
-    for gather in ("1", "0"):
+    for gather in ("1", "graph", "0"):
         monkeypatch.setenv("GRKV_GATHER", gather)
         stats = m.compress_state(st, **kw)
         out[gather] = (kvstate.get_blob(m.ctx), m.continuation_logits(PROBE), stats.merge_report["apply"]["write"])
@@ -46,17 +48,18 @@ def _gather_and_rows(m, monkeypatch, context=CONTEXT, **kw):
 def test_gather_equals_host_rows(tiny_gguf, monkeypatch, flash, kw):
     m = CompressedLlama(tiny_gguf, n_ctx=1024, flash_attn=flash)
     out = _gather_and_rows(m, monkeypatch, **kw)
-    assert out["1"][2] == "gather" and out["0"][2] == "rows"
-    assert out["1"][0] == out["0"][0]
+    assert (out["1"][2], out["graph"][2], out["0"][2]) == ("gather", "gather:graph", "rows")
+    assert out["1"][0] == out["graph"][0] == out["0"][0]
     np.testing.assert_array_equal(out["1"][1], out["0"][1])
+    np.testing.assert_array_equal(out["graph"][1], out["0"][1])
 
 
 @pytest.mark.parametrize("types", [("f32", "f32"), ("bf16", "bf16")])
 def test_gather_float_caches(tiny_gguf, monkeypatch, types):
     m = CompressedLlama(tiny_gguf, n_ctx=1024, type_k=types[0], type_v=types[1])  # V transposed: through f32
     out = _gather_and_rows(m, monkeypatch, method="snapkv", ratio=0.5)
-    assert out["1"][2] == "gather"
-    assert out["1"][0] == out["0"][0]
+    assert out["graph"][2] == "gather:graph"
+    assert out["1"][0] == out["graph"][0] == out["0"][0]
 
 
 @pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")])
@@ -66,8 +69,8 @@ def test_gather_quantised_caches(tmp_path, monkeypatch, types):
     with quiet():
         m = CompressedLlama(path, n_ctx=1024, flash_attn=True, type_k=types[0], type_v=types[1])
     out = _gather_and_rows(m, monkeypatch, method="snapkv", ratio=0.4)
-    assert out["1"][2] == "gather"
-    assert out["1"][0] == out["0"][0]
+    assert out["graph"][2] == "gather:graph"
+    assert out["1"][0] == out["graph"][0] == out["0"][0]
 
 
 def test_head_slices_that_are_not_words_fall_back_to_rows(tmp_path, monkeypatch):
@@ -78,19 +81,20 @@ def test_head_slices_that_are_not_words_fall_back_to_rows(tmp_path, monkeypatch)
     with quiet():
         m = CompressedLlama(path, n_ctx=1024, flash_attn=True, type_k="q8_0", type_v="f16")
     out = _gather_and_rows(m, monkeypatch, method="snapkv", ratio=0.5)
-    assert out["1"][2] == "rows"  # refused, then host rows
-    assert out["1"][0] == out["0"][0]
+    assert out["1"][2] == out["graph"][2] == "rows"  # refused, then host rows
+    assert out["1"][0] == out["graph"][0] == out["0"][0]
     m.prefill(CONTEXT)
     before = kvstate.get_blob(m.ctx)
     keep = np.tile(np.arange(10, dtype=np.int32), (m.info.n_layer, m.info.n_head_kv, 1))
-    assert not _native.inplace_gather(_api(), _addr(m.ctx), 0, keep, np.arange(10, dtype=np.int32))
-    assert kvstate.get_blob(m.ctx) == before
+    for graph in (False, True):
+        assert not _native.inplace_gather(_api(), _addr(m.ctx), 0, keep, np.arange(10, dtype=np.int32), graph=graph)
+        assert kvstate.get_blob(m.ctx) == before
 
 
 def test_merges_write_rows(tiny_gguf, monkeypatch):
     m = CompressedLlama(tiny_gguf, n_ctx=1024)
     out = _gather_and_rows(m, monkeypatch, method="snapkv+grkv", ratio=0.5)
-    assert out["1"][2] == out["0"][2] == "rows"  # a merge rewrites every kept row: they come from the host
+    assert out["1"][2] == out["graph"][2] == out["0"][2] == "rows"  # a merge rewrites every kept row: they come from the host
     assert out["1"][0] == out["0"][0]
 
 
@@ -108,8 +112,8 @@ def test_graph_math_reads_no_rows(tiny_gguf, monkeypatch):
         return real(api, ctx, seq=seq, rows_of=rows_of)
 
     monkeypatch.setattr(_native, "inplace_read", spy)
-    res = compress_cache(m.ctx, m.info, KNorm(), ratio=0.4, backend="inplace", math="graph")
-    assert res.merge_report["apply"]["write"] == "gather" and res.merge_report["math"] == "graph"
+    res = compress_cache(m.ctx, m.info, KNorm(), ratio=0.4, backend=InplaceBackend(gather="graph"), math="graph")
+    assert res.merge_report["apply"]["write"] == "gather:graph" and res.merge_report["math"] == "graph"
     assert seen and all(r not in (-1, 0) for r in seen)  # no part's rows
     graph = kvstate.get_blob(m.ctx)
     assert kvstate.set_blob(m.ctx, before)
@@ -117,19 +121,20 @@ def test_graph_math_reads_no_rows(tiny_gguf, monkeypatch):
     assert kvstate.get_blob(m.ctx) == graph
 
 
-def _gather_c(m, n, pos, src_rows):
+def _gather_c(m, n, pos, src_rows, flags=0):
     """llama_kv_ext_seq_gather called directly: every layer takes src_rows ([n_head_kv][n] cells)."""
     import llama_cpp.llama_cpp as L
 
     fn = L._lib.llama_kv_ext_seq_gather
     fn.restype = ctypes.c_int32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                   ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))]
+                   ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)),
+                   ctypes.c_int32]
     src = np.ascontiguousarray(src_rows, np.int32)
     pos = np.ascontiguousarray(pos, np.int32)
     per = (ctypes.POINTER(ctypes.c_int32) * m.info.n_layer)(
         *[src.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))] * m.info.n_layer)
-    return fn(_addr(m.ctx), 0, 0, n, pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), src.shape[0], per)
+    return fn(_addr(m.ctx), 0, 0, n, pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), src.shape[0], per, flags)
 
 
 def test_bad_plans_are_refused_before_any_write(tiny_gguf):
@@ -145,20 +150,23 @@ def test_bad_plans_are_refused_before_any_write(tiny_gguf):
         "a cell the sequence does not hold": (cells, np.tile(np.r_[0:n - 1, held + 5], (Hkv, 1))),
         "a cell index past the cache": (cells, np.tile(np.r_[0:n - 1, 1 << 20], (Hkv, 1))),
     }
-    for why, (pos, src) in cases.items():
-        assert _gather_c(m, n, pos, src) == -5, why  # LLAMA_KV_EXT_E_ARG
-        assert kvstate.get_blob(m.ctx) == before, why
-    assert _gather_c(m, n, cells, np.tile(cells, (3, 1))) == -7  # 3 KV heads do not split this cache's rows evenly
-    assert kvstate.get_blob(m.ctx) == before
+    for flags in (0, 1):  # host copy, graph (LLAMA_KV_EXT_GATHER_GRAPH)
+        for why, (pos, src) in cases.items():
+            assert _gather_c(m, n, pos, src, flags) == -5, why  # LLAMA_KV_EXT_E_ARG
+            assert kvstate.get_blob(m.ctx) == before, why
+        assert _gather_c(m, n, cells, np.tile(cells, (3, 1)), flags) == -7  # 3 KV heads do not split the rows evenly
+        assert kvstate.get_blob(m.ctx) == before
     with pytest.raises(CompressionError, match="seq_gather failed with code -5"):
         InplaceBackend().gather(m.ctx, np.zeros((m.info.n_layer, Hkv, 4), np.int32), np.array([3, 2, 1, 0]))
     assert kvstate.get_blob(m.ctx) == before
 
 
-def test_gathered_cells_hold_the_kept_tokens(tiny_gguf):
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("gather", [True, "graph"])
+def test_gathered_cells_hold_the_kept_tokens(tiny_gguf, flash, gather):
     """A hand-made plan: new cell i of head h holds the token at index
     src[h][i], at the given position; checked against the rows read before."""
-    m = CompressedLlama(tiny_gguf, n_ctx=1024)
+    m = CompressedLlama(tiny_gguf, n_ctx=1024, flash_attn=flash)
     m.prefill(CONTEXT)
     st0 = InplaceBackend().read(m.ctx)
     Hkv, d = m.info.n_head_kv, m.info.head_dim
@@ -168,7 +176,7 @@ def test_gathered_cells_hold_the_kept_tokens(tiny_gguf):
     keep = np.stack([np.stack([np.sort(rng.choice(T, n, replace=False)) for _ in range(Hkv)])
                      for _ in range(m.info.n_layer)]).astype(np.int32)
     pos = np.arange(T - n, T, dtype=np.int32)
-    assert InplaceBackend().gather(m.ctx, keep, pos)
+    assert InplaceBackend(gather=gather).gather(m.ctx, keep, pos)
     st1 = InplaceBackend().read(m.ctx)
     np.testing.assert_array_equal(st1.positions(0), pos)
     for l in range(m.info.n_layer):

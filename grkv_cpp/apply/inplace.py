@@ -9,7 +9,7 @@ import llama_cpp.llama_cpp as L
 import numpy as np
 
 from .. import _native
-from ..errors import CompressionError, NativeError
+from ..errors import BadRequestError, CompressionError, NativeError
 from .base import Backend
 
 _NO_PART = -2  # inplace_read's rows_of that matches no part: cells and sizes only
@@ -42,9 +42,17 @@ class InplaceBackend(Backend):
 
     name = "inplace"
 
-    def __init__(self, gather: bool | None = None):
-        # GRKV_GATHER=0 writes host rows even for eviction plans (to compare the two)
-        self.gathers = os.environ.get("GRKV_GATHER", "1") != "0" if gather is None else gather
+    def __init__(self, gather: bool | str | None = None):
+        # gather: True (the library copies a host-memory cache on the host and
+        # runs a ggml graph elsewhere), "graph" (the graph everywhere), False
+        # (host rows through seq_apply). Default: GRKV_GATHER=1|graph|0, else True.
+        if gather is None:
+            env = os.environ.get("GRKV_GATHER", "1").strip().lower()
+            gather = "graph" if env == "graph" else env != "0"
+        if gather not in (True, False, "graph"):
+            raise BadRequestError(f"gather must be True, False or 'graph', not {gather!r}")
+        self.gathers = bool(gather)
+        self.gather_graph = gather == "graph"
 
     def read(self, ctx, part: int | None = 0, rows: bool = True) -> _native.SeqState:
         """The rows of cache part `part` only (the compressed one; the others
@@ -76,7 +84,7 @@ class InplaceBackend(Backend):
             return False
         try:
             return _native.inplace_gather(_api(), _addr(ctx), part, np.ascontiguousarray(keep, np.int32),
-                                          np.ascontiguousarray(positions, np.int32))
+                                          np.ascontiguousarray(positions, np.int32), graph=self.gather_graph)
         except NativeError as e:
             raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
 

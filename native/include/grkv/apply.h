@@ -31,7 +31,9 @@ void inplace_apply(const kvx::Api & api, void * ctx, int32_t seq, const SeqState
 // cache unchanged, when the library cannot gather this cache byte for byte
 // (LLAMA_KV_EXT_E_UNSUPPORTED: write host rows with inplace_apply instead);
 // throws Error with the library's code on any other refusal.
+// graph: run the ggml graph even where the cache is in host memory (which the
+// library otherwise copies on the host, faster there).
 bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, const std::vector<int32_t> & keep,
-                    int n_head_kv, const std::vector<int32_t> & pos);
+                    int n_head_kv, const std::vector<int32_t> & pos, bool graph = false);
 
 }  // namespace grkv

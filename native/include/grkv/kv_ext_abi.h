@@ -36,7 +36,7 @@ struct Api {
     int32_t (*seq_apply)(void * ctx, int32_t part, int32_t seq, int32_t n, const int32_t * pos,
                          const void * const * k_rows, const void * const * v_data) = nullptr;
     int32_t (*seq_gather)(void * ctx, int32_t part, int32_t seq, int32_t n, const int32_t * pos, int32_t n_head_kv,
-                          const int32_t * const * src) = nullptr;
+                          const int32_t * const * src, int32_t flags) = nullptr;
 };
 
 }  // namespace grkv::kvx

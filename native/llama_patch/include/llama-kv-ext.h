@@ -105,8 +105,15 @@ LLAMA_API int32_t llama_kv_ext_seq_apply(struct llama_context * ctx, int32_t par
 // the way. The cells are placed as llama_kv_ext_seq_apply places them. Every
 // check and the work buffer's allocation run before the first write; on an
 // error the cache is unchanged. Returns n.
+//
+// A layer in host memory (the CPU backend's) is copied on the host, which
+// measures faster there than the graph; LLAMA_KV_EXT_GATHER_GRAPH in `flags`
+// runs the graph for it too (the CPU backend then computes it).
+#define LLAMA_KV_EXT_GATHER_GRAPH 1
+
 LLAMA_API int32_t llama_kv_ext_seq_gather(struct llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n,
-                                          const llama_pos * pos, int32_t n_head_kv, const int32_t * const * src);
+                                          const llama_pos * pos, int32_t n_head_kv, const int32_t * const * src,
+                                          int32_t flags);
 
 // Called by llama_decode after a successful batch, once per sequence in the
 // batch, with the positions [p0, p1] that sequence now holds in part 0. The

@@ -13,6 +13,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
 
+#include <cstring>
 #include <map>
 #include <set>
 #include <tuple>
@@ -104,10 +105,14 @@ ggml_tensor * alias_of(ggml_context * c, ggml_tensor * t, ggml_type type, int64_
 // One layer's gather: its cache tensors, the word rows to take, and the graph.
 struct gather_layer {
     llama_kv_ext_layer L{};
-    std::vector<int32_t> rows;  // [n * n_head_kv], slot-major
+    std::vector<int32_t> rows;     // [n * n_head_kv], slot-major word rows (K, untransposed V)
+    std::vector<int32_t> cells;    // [n_head_kv][n] source cells
+    std::vector<int32_t> head_of;  // [n_embd_v] each V channel's KV head (transposed V)
     ggml_context_ptr ctx;
     ggml_cgraph * gf = nullptr;
     ggml_tensor * idx = nullptr;
+    ggml_tensor * cells_in = nullptr;
+    ggml_tensor * head_of_in = nullptr;
 };
 
 namespace {
@@ -138,12 +143,18 @@ void build_gather(gather_layer & g, int64_t Hkv, int32_t n, uint32_t kv_size, bo
         std::tie(va, vg) = words(g.L.v, g.L.v_row_bytes);
         ggml_build_forward_expand(g.gf, vg);
     } else if (g.L.v) {
-        // transposed V [n_embd_v][kv_size]: transpose on the device, gather head rows, transpose back
-        const int64_t E = g.L.n_embd_v, dv = E / Hkv;
+        // transposed V [n_embd_v][kv_size]: channel c of new cell i is element src[head(c)][i]
+        // of row c. The per-channel cell lists are made from the per-head ones on the device
+        // (get_rows of I32 rows by the channel -> head map): only [n_head_kv][n] indices cross.
+        const int64_t E = g.L.n_embd_v;
         const size_t el = ggml_type_size(g.L.v->type);
-        ggml_tensor * vt = ggml_view_2d(c, g.L.v, kv_size, E, kv_size * el, 0);
-        ggml_tensor * vr = ggml_reshape_2d(c, ggml_cont(c, ggml_transpose(c, vt)), dv, (int64_t) kv_size * Hkv);
-        vg = ggml_get_rows(c, vr, g.idx);  // f32 [dv, n * Hkv] = [E, n]
+        g.cells_in = ggml_new_tensor_2d(c, GGML_TYPE_I32, n, Hkv);  // row h: head h's source cells
+        ggml_set_input(g.cells_in);
+        g.head_of_in = ggml_new_tensor_1d(c, GGML_TYPE_I32, E);
+        ggml_set_input(g.head_of_in);
+        ggml_tensor * per_channel = ggml_get_rows(c, g.cells_in, g.head_of_in);      // I32 [n, E]
+        ggml_tensor * elems = ggml_view_3d(c, g.L.v, 1, kv_size, E, el, kv_size * el, 0);
+        vg = ggml_get_rows(c, elems, per_channel);                                  // f32 [1, n, E]
         ggml_build_forward_expand(g.gf, vg);
     }
     for (const run & r : rr) {
@@ -159,11 +170,45 @@ void build_gather(gather_layer & g, int64_t Hkv, int32_t n, uint32_t kv_size, bo
         } else {
             const int64_t E = g.L.n_embd_v;
             const size_t el = ggml_type_size(g.L.v->type);
-            ggml_tensor * vs = ggml_view_2d(c, vg, E, r.n, E * vg->nb[0], (size_t) r.i * E * vg->nb[0]);
+            ggml_tensor * vs = ggml_view_2d(c, vg, r.n, E, vg->nb[2], (size_t) r.i * vg->nb[1]);
             ggml_tensor * vd = ggml_view_2d(c, g.L.v, r.n, E, kv_size * el, r.cell * el);
-            ggml_build_forward_expand(g.gf, ggml_cpy(c, ggml_transpose(c, vs), vd));
+            ggml_build_forward_expand(g.gf, ggml_cpy(c, vs, vd));
         }
     }
+}
+
+// The same gather by plain copies, for a layer in host memory (measured faster
+// on the CPU than the graph, whose transposed-V gather moves one element per
+// row): each layer's kept slices into a scratch copy, then into the new cells.
+void host_gather(const gather_layer & g, int64_t Hkv, int32_t n, uint32_t kv_size, bool v_trans,
+                 const std::vector<run> & rr) {
+    const llama_kv_ext_layer & L = g.L;
+    const int32_t * src = g.cells.data();
+    auto slices = [&](const ggml_tensor * t, uint64_t row, std::vector<uint8_t> & out) {
+        const size_t hb = row / Hkv;
+        const auto * base = static_cast<const uint8_t *>(t->data);
+        out.resize((size_t) n * row);
+        for (int32_t i = 0; i < n; ++i)
+            for (int64_t h = 0; h < Hkv; ++h)
+                std::memcpy(out.data() + i * row + h * hb, base + (size_t) src[h * n + i] * row + h * hb, hb);
+    };
+    std::vector<uint8_t> kb, vb;
+    slices(L.k, L.k_row_bytes, kb);
+    if (L.v && !v_trans) slices(L.v, L.v_row_bytes, vb);
+    if (L.v && v_trans) {  // [n_embd_v][n] elements: element src[head(e)][i] of row e
+        const size_t el = ggml_type_size(L.v->type);
+        const int64_t E = L.n_embd_v, dv = E / Hkv;
+        const auto * base = static_cast<const uint8_t *>(L.v->data);
+        vb.resize((size_t) E * n * el);
+        for (int64_t e = 0; e < E; ++e) {
+            const uint8_t * row = base + (size_t) e * kv_size * el;
+            const int32_t * cells = src + (e / dv) * n;
+            uint8_t * out = vb.data() + (size_t) e * n * el;
+            if (el == 2) for (int32_t i = 0; i < n; ++i) std::memcpy(out + 2 * i, row + 2 * (size_t) cells[i], 2);
+            else for (int32_t i = 0; i < n; ++i) std::memcpy(out + el * i, row + el * (size_t) cells[i], el);
+        }
+    }
+    copy_runs(L, v_trans, kv_size, n, rr, kb.data(), vb.data(), true);
 }
 
 }  // namespace
@@ -287,6 +332,8 @@ int32_t llama_kv_cache::ext_seq_apply(llama_seq_id seq_id, int32_t n, const llam
 
 int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const llama_pos * pos, int32_t n_head_kv,
                                        const int32_t * const * src, const ggml_backend_t * backends) {
+    // backends[l]: the backend whose graph gathers layer l, or null where the
+    // layer lives in host memory and is copied there
     // every check, and the work buffer, before the first write
     if (const int32_t e = ext_check_layout(seq_id, n, pos)) return e;
     if (!src || !backends || n_head_kv < 1) return LLAMA_KV_EXT_E_ARG;
@@ -306,7 +353,6 @@ int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const lla
     std::vector<gather_layer> gl(layers.size());
     for (size_t l = 0; l < layers.size(); ++l) {
         if (!src[l]) return LLAMA_KV_EXT_E_ARG;
-        if (!backends[l]) return LLAMA_KV_EXT_E_UNSUPPORTED;
         for (int64_t i = 0; i < Hkv * n; ++i)
             if (src[l][i] < 0 || (uint32_t) src[l][i] >= kv_size || !held[src[l][i]]) return LLAMA_KV_EXT_E_ARG;
         ext_layer((int32_t) l, seq_id, &gl[l].L);
@@ -322,6 +368,12 @@ int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const lla
         gl[l].rows.resize((size_t) n * Hkv);
         for (int32_t i = 0; i < n; ++i)
             for (int64_t h = 0; h < Hkv; ++h) gl[l].rows[(size_t) i * Hkv + h] = src[l][h * n + i] * (int32_t) Hkv + (int32_t) h;
+        gl[l].cells.assign(src[l], src[l] + Hkv * n);
+        if (gl[l].L.v && v_trans) {
+            const int32_t E = gl[l].L.n_embd_v, dv = E / (int32_t) Hkv;
+            gl[l].head_of.resize(E);
+            for (int32_t e = 0; e < E; ++e) gl[l].head_of[e] = e / dv;
+        }
     }
 
     // reserve the work buffer for every layer's graph (laid out as if the new
@@ -330,6 +382,7 @@ int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const lla
     std::map<ggml_backend_t, ggml_gallocr_ptr> galloc;
     const std::vector<run> one{{0, 0, (uint32_t) n}};
     for (size_t l = 0; l < gl.size(); ++l) {
+        if (!backends[l]) continue;  // copied on the host
         auto & ga = galloc[backends[l]];
         if (!ga) ga.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backends[l])));
         build_gather(gl[l], Hkv, n, kv_size, v_trans, one);
@@ -340,10 +393,18 @@ int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const lla
     const std::vector<run> rr = runs_of(dst.data(), dst.size());
     for (size_t l = 0; l < gl.size(); ++l) {
         gather_layer & g = gl[l];
+        if (!backends[l]) {
+            host_gather(g, Hkv, n, kv_size, v_trans, rr);
+            continue;
+        }
         build_gather(g, Hkv, n, kv_size, v_trans, rr);
         // reserved above for the same intermediate tensors: no new allocation here
         GGML_ASSERT(ggml_gallocr_alloc_graph(galloc[backends[l]].get(), g.gf));
         ggml_backend_tensor_set(g.idx, g.rows.data(), 0, ggml_nbytes(g.idx));
+        if (g.cells_in) {
+            ggml_backend_tensor_set(g.cells_in, g.cells.data(), 0, ggml_nbytes(g.cells_in));
+            ggml_backend_tensor_set(g.head_of_in, g.head_of.data(), 0, ggml_nbytes(g.head_of_in));
+        }
         GGML_ASSERT(ggml_backend_graph_compute(backends[l], g.gf) == GGML_STATUS_SUCCESS);
     }
     return n;
@@ -432,7 +493,7 @@ int32_t llama_kv_ext_seq_apply(llama_context * ctx, int32_t part, llama_seq_id s
 }
 
 int32_t llama_kv_ext_seq_gather(llama_context * ctx, int32_t part, llama_seq_id seq, int32_t n, const llama_pos * pos,
-                                int32_t n_head_kv, const int32_t * const * src) {
+                                int32_t n_head_kv, const int32_t * const * src, int32_t flags) {
     int32_t err = 0;
     llama_kv_cache * kv = part_of(ctx, part, &err);
     if (!kv) return err;
@@ -441,8 +502,10 @@ int32_t llama_kv_ext_seq_gather(llama_context * ctx, int32_t part, llama_seq_id 
     for (int32_t l = 0; l < kv->ext_n_layer(); ++l) {
         llama_kv_ext_layer L;
         if (const int32_t e = kv->ext_layer(l, seq, &L)) return e;
+        const bool host = ggml_backend_buffer_is_host(L.k->buffer) && (!L.v || ggml_backend_buffer_is_host(L.v->buffer));
+        if (host && !(flags & LLAMA_KV_EXT_GATHER_GRAPH)) continue;  // null: copied on the host
         be[l] = ctx->ext_backend_for(L.k->buffer);
-        if (L.v && be[l] != ctx->ext_backend_for(L.v->buffer)) return LLAMA_KV_EXT_E_UNSUPPORTED;
+        if (!be[l] || (L.v && be[l] != ctx->ext_backend_for(L.v->buffer))) return LLAMA_KV_EXT_E_UNSUPPORTED;
     }
     llama_synchronize(ctx);
     return kv->ext_seq_gather(seq, n, pos, n_head_kv, src, be.data());

@@ -13,6 +13,7 @@ namespace grkv {
 namespace {
 
 constexpr int32_t kUnsupported = -7;  // LLAMA_KV_EXT_E_UNSUPPORTED
+constexpr int32_t kGatherGraph = 1;   // LLAMA_KV_EXT_GATHER_GRAPH
 
 void check(int32_t rc, const char * what) {
     if (rc < 0) throw Error(std::string("llama_kv_ext_") + what + " failed with code " + std::to_string(rc));
@@ -98,7 +99,7 @@ void inplace_apply(const kvx::Api & api, void * ctx, int32_t seq, const SeqState
 namespace grkv {
 
 bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, const std::vector<int32_t> & keep,
-                    int n_head_kv, const std::vector<int32_t> & pos) {
+                    int n_head_kv, const std::vector<int32_t> & pos, bool graph) {
     need(api);
     const int32_t n = (int32_t) pos.size();
     if (n < 1 || n_head_kv < 1 || keep.size() % ((size_t) n_head_kv * n)) {
@@ -119,7 +120,7 @@ bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, con
     }
     std::vector<const int32_t *> per(L);
     for (size_t l = 0; l < L; ++l) per[l] = src.data() + l * n_head_kv * n;
-    const int32_t rc = api.seq_gather(ctx, part, seq, n, pos.data(), n_head_kv, per.data());
+    const int32_t rc = api.seq_gather(ctx, part, seq, n, pos.data(), n_head_kv, per.data(), graph ? kGatherGraph : 0);
     if (rc == kUnsupported) return false;
     check(rc, "seq_gather");
     return true;
