@@ -128,6 +128,10 @@ py::tuple scores_to_numpy(const std::vector<Scores> & sc) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "grkv-cpp native core: state-blob codec, eviction scores, selection, eval-callback capture";
     py::register_exception<Error>(m, "NativeError", PyExc_ValueError);
+    // Single kernels on plain arrays, apart from the public module: the torch
+    // reference tests and the kernel benchmarks call them, the library does not.
+    py::module_ kernels = m.def_submodule("kernels", "single scoring, selection and merge kernels on plain arrays "
+                                                     "(the reference tests and benchmarks)");
 
     // The patched llama.cpp's KV-cache extension: function addresses from the
     // loaded libllama (ctypes), keyed by their name without the prefix.
@@ -277,81 +281,15 @@ PYBIND11_MODULE(_native, m) {
                  const py::ssize_t w = v.s->v.at(layer).n_embd;
                  return to_numpy(v.values(layer), {(py::ssize_t) v.n_tokens(), w});
              }, py::arg("part"), py::arg("layer"))
-        .def("scores",
-             [](const SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head,
-                int n_head_kv, float scale, const py::list & queries, int n_threads, py::object ctx, py::object rope,
-                py::object chunks, float softcap) {
-                 auto q = to_queries(queries);
-                 MethodParams mp = method_params(method, kernel, n_sink);
-                 set_context(mp, ctx, rope, chunks);
-                 py::gil_scoped_release nogil;
-                 StreamView v(active(s, part));
-                 auto sc = score_layers(v, mp, ModelShape{n_head, n_head_kv, scale, softcap}, q, n_threads);
-                 py::gil_scoped_acquire gil;
-                 return scores_to_numpy(sc);
-             },
-             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
-             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("n_threads") = 1,
-             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
-             py::arg("softcap") = 0.0f)
         .def("compress",
-             [](SeqState & s, int part, const std::string & method, int kernel, int n_sink, int n_head, int n_head_kv,
-                float scale, const py::list & queries, int budget, bool shared, int32_t label_end,
-                const std::string & merge, const GrkvParams & grkv, float guard, const py::list & surrogate, int32_t window_start, int n_threads,
-                float alpha, float mix_lambda, float sim_threshold, py::object history, int protect_divisor,
-                py::object ctx, py::object rope, py::object chunks, const std::string & headwise,
-                float headwise_alpha, py::object key_pos, float softcap, bool plan_only) {
-                 CompressRequest req;
-                 req.plan_only = plan_only;
-                 req.headwise = headwise;
-                 req.headwise_alpha = headwise_alpha;
-                 req.method = method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold, protect_divisor);
-                 set_context(req.method, ctx, rope, chunks);
-                 if (!history.is_none()) {  // [L][n_head_kv][n_cells]
-                     auto h = history.cast<carray<float>>();
-                     if (h.ndim() != 3) throw Error("history must be [n_layer, n_head_kv, n_cells]");
-                     const size_t per = (size_t) h.shape(1) * h.shape(2);
-                     for (py::ssize_t l = 0; l < h.shape(0); ++l) {
-                         req.history.emplace_back(h.data() + l * per, h.data() + (l + 1) * per);
-                     }
-                 }
-                 req.shape = ModelShape{n_head, n_head_kv, scale, softcap};
-                 req.queries = to_queries(queries);
-                 if (!key_pos.is_none()) {  // [L][n_head_kv][n_cells]: compactor's true key positions
-                     auto kp = key_pos.cast<carray<int32_t>>();
-                     if (kp.ndim() != 3 || (size_t) kp.shape(0) != req.queries.size()) {
-                         throw Error("key_pos must be [n_layer, n_head_kv, n_cells], one layer per query set");
-                     }
-                     const size_t per = (size_t) kp.shape(1) * kp.shape(2);
-                     for (py::ssize_t l = 0; l < kp.shape(0); ++l) {
-                         req.queries[l].kpos.assign(kp.data() + l * per, kp.data() + (l + 1) * per);
-                     }
-                 }
-                 req.budget = budget;
-                 req.shared = shared;
-                 req.label_end = label_end;
-                 req.merge.name = merge;
-                 req.merge.guard = guard;
-                 req.merge.grkv = grkv;
-                 for (auto item : surrogate) {
-                     auto tup = item.cast<py::tuple>();
-                     auto q = tup[0].cast<carray<float>>();
-                     auto qp = tup[1].cast<carray<int32_t>>();
-                     LayerSurrogate ls;
-                     ls.q.assign(q.data(), q.data() + q.size());
-                     ls.qpos.assign(qp.data(), qp.data() + qp.size());
-                     ls.causal = tup[2].cast<bool>();
-                     ls.weight = tup[3].cast<float>();
-                     req.surrogate.push_back(std::move(ls));
-                 }
-                 req.window_start = window_start;
-                 req.n_threads = n_threads;
+             [](SeqState & s, int part, const CompressRequest & req) {
                  CompressOutcome out;
                  const int L = (int) active(s, part).k.size();
                  {
                      py::gil_scoped_release nogil;
                      out = compress_stream(active_mut(s, part), req);
                  }
+                 const int Hkv = req.shape.n_head_kv;
                  py::dict rep;
                  rep["choice"] = out.report.choice;
                  rep["obj_none"] = out.report.obj_none;
@@ -367,22 +305,109 @@ PYBIND11_MODULE(_native, m) {
                  const int slots = out.slots;
                  rep["positions"] = to_numpy(std::move(out.positions), {slots});
                  rep["rebuilt"] = out.rebuilt;
-                 if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, n_head_kv, slots});
+                 if (!out.global.empty()) rep["global"] = to_numpy(std::move(out.global), {L, Hkv, slots});
                  if (!out.headwise_count.empty()) {
-                     rep["headwise_count"] = to_numpy(std::move(out.headwise_count), {L, n_head_kv});
+                     rep["headwise_count"] = to_numpy(std::move(out.headwise_count), {L, Hkv});
                  }
-                 return py::make_tuple(to_numpy(std::move(out.keep), {L, n_head_kv, slots}), rep);
+                 return py::make_tuple(to_numpy(std::move(out.keep), {L, Hkv, slots}), rep);
              },
-             py::arg("part"), py::arg("method"), py::arg("kernel"), py::arg("n_sink"), py::arg("n_head"),
-             py::arg("n_head_kv"), py::arg("scale"), py::arg("queries"), py::arg("budget"), py::arg("shared"),
-             py::arg("label_end"), py::arg("merge") = "none", py::arg("grkv") = GrkvParams{},
-             py::arg("guard") = 0.1f, py::arg("surrogate") = py::list(), py::arg("window_start") = 0,
-             py::arg("n_threads") = 1, py::arg("alpha") = 0.8f, py::arg("mix_lambda") = 0.5f,
-             py::arg("sim_threshold") = 0.5f, py::arg("history") = py::none(), py::arg("protect_divisor") = 4,
-             py::arg("ctx") = py::none(), py::arg("rope") = py::none(), py::arg("chunks") = py::none(),
-             py::arg("headwise") = "none", py::arg("headwise_alpha") = 0.2f, py::arg("key_pos") = py::none(),
-             py::arg("softcap") = 0.0f, py::arg("plan_only") = false)
+             py::arg("part"), py::arg("request"),
+             "score -> select -> (merge) over part `part`: (keep [L, n_head_kv, slots], report). The part is "
+             "rebuilt in the compressed layout unless the request is plan_only (eviction only; report['rebuilt'])")
         ;
+
+    // The compression's parameter structs (native/include/grkv/compress.h), bound as classes.
+    py::class_<MethodParams>(m, "MethodParams")
+        .def(py::init([](const std::string & method, int kernel, int n_sink, float alpha, float mix_lambda,
+                         float sim_threshold, int protect_divisor) {
+                 return method_params(method, kernel, n_sink, alpha, mix_lambda, sim_threshold, protect_divisor);
+             }),
+             py::arg("method"), py::arg("kernel") = 5, py::arg("n_sink") = 0, py::arg("alpha") = 0.8f,
+             py::arg("mix_lambda") = 0.5f, py::arg("sim_threshold") = 0.5f, py::arg("protect_divisor") = 4,
+             "A scorer: 'snapkv' (or 'snapkv-max': max pooling), 'knorm', 'streaming', 'gkv' (alpha, mix_lambda, "
+             "sim_threshold), 'laser' (protect_divisor), 'expected', 'compactor', 'reconstruct' (ctx, rope, chunks)")
+        .def_readonly("name", &MethodParams::name)
+        .def_readonly("max_pool", &MethodParams::max_pool)
+        .def_readwrite("kernel", &MethodParams::kernel)
+        .def_readwrite("n_sink", &MethodParams::n_sink)
+        .def_readwrite("protect_divisor", &MethodParams::protect_divisor)
+        .def_readwrite("ctx", &MethodParams::ctx)
+        .def_readwrite("rope", &MethodParams::rope)
+        .def_property(
+            "chunks",
+            [](const MethodParams & mp) {
+                py::list out;
+                for (size_t i = 0; i < mp.chunk_lo.size(); ++i) out.append(py::make_tuple(mp.chunk_lo[i], mp.chunk_hi[i]));
+                return out;
+            },
+            [](MethodParams & mp, py::object chunks) { set_context(mp, py::none(), py::none(), chunks); },
+            "reconstruct: the re-read chunks' context token ranges [(lo, hi), ...]");
+    py::class_<ModelShape>(m, "ModelShape")
+        .def(py::init([](int n_head, int n_head_kv, float scale, float softcap) {
+                 return ModelShape{n_head, n_head_kv, scale, softcap};
+             }),
+             py::arg("n_head"), py::arg("n_head_kv"), py::arg("scale"), py::arg("softcap") = 0.0f)
+        .def_readonly("n_head", &ModelShape::n_head)
+        .def_readonly("n_head_kv", &ModelShape::n_head_kv);
+    py::class_<MergeParams>(m, "MergeParams")
+        .def(py::init([](const std::string & merge, const GrkvParams & grkv, float guard) {
+                 return MergeParams{merge, grkv, guard};
+             }),
+             py::arg("merge") = "none", py::arg("grkv") = GrkvParams{}, py::arg("guard") = 0.1f,
+             "none | merge | pivot | weighted | grkv (with its GrkvParams and guard)")
+        .def_readonly("name", &MergeParams::name);
+    py::class_<CompressRequest>(m, "CompressRequest")
+        .def(py::init<>())
+        .def_readwrite("method", &CompressRequest::method)
+        .def_readwrite("shape", &CompressRequest::shape)
+        .def_readwrite("merge", &CompressRequest::merge)
+        .def_readwrite("budget", &CompressRequest::budget)
+        .def_readwrite("shared", &CompressRequest::shared)
+        .def_readwrite("label_end", &CompressRequest::label_end)
+        .def_readwrite("window_start", &CompressRequest::window_start)
+        .def_readwrite("n_threads", &CompressRequest::n_threads)
+        .def_readwrite("headwise", &CompressRequest::headwise)
+        .def_readwrite("headwise_alpha", &CompressRequest::headwise_alpha)
+        .def_readwrite("plan_only", &CompressRequest::plan_only)
+        .def("set_queries",
+             [](CompressRequest & r, const py::list & queries) { r.queries = to_queries(queries); },
+             py::arg("queries"),
+             "per cache layer (q [w, n_head, head_dim], qpos [w]), reconstruct adding (re-read keys, chunk of each query)")
+        .def("set_key_pos",
+             [](CompressRequest & r, carray<int32_t> kp) {  // [L][n_head_kv][n_cells]: compactor's true key positions
+                 if (kp.ndim() != 3 || (size_t) kp.shape(0) != r.queries.size()) {
+                     throw Error("key_pos must be [n_layer, n_head_kv, n_cells], one layer per query set (set the queries first)");
+                 }
+                 const size_t per = (size_t) kp.shape(1) * kp.shape(2);
+                 for (py::ssize_t l = 0; l < kp.shape(0); ++l) {
+                     r.queries[l].kpos.assign(kp.data() + l * per, kp.data() + (l + 1) * per);
+                 }
+             },
+             py::arg("key_pos"))
+        .def("set_history",
+             [](CompressRequest & r, carray<float> h) {  // [L][n_head_kv][n_cells]
+                 if (h.ndim() != 3) throw Error("history must be [n_layer, n_head_kv, n_cells]");
+                 const size_t per = (size_t) h.shape(1) * h.shape(2);
+                 r.history.clear();
+                 for (py::ssize_t l = 0; l < h.shape(0); ++l) r.history.emplace_back(h.data() + l * per, h.data() + (l + 1) * per);
+             },
+             py::arg("history"), "G-KV, compactor@budget: the cells' carried scores")
+        .def("set_surrogate",
+             [](CompressRequest & r, const py::list & surrogate) {
+                 r.surrogate.clear();
+                 for (auto item : surrogate) {
+                     auto tup = item.cast<py::tuple>();
+                     auto q = tup[0].cast<carray<float>>();
+                     auto qp = tup[1].cast<carray<int32_t>>();
+                     LayerSurrogate ls;
+                     ls.q.assign(q.data(), q.data() + q.size());
+                     ls.qpos.assign(qp.data(), qp.data() + qp.size());
+                     ls.causal = tup[2].cast<bool>();
+                     ls.weight = tup[3].cast<float>();
+                     r.surrogate.push_back(std::move(ls));
+                 }
+             },
+             py::arg("surrogate"), "GRKV: per cache layer (q, qpos, causal, weight)");
 
     py::class_<ContextParams>(m, "ContextParams")
         .def(py::init<>())
@@ -411,7 +436,7 @@ PYBIND11_MODULE(_native, m) {
     // One layer of a context scorer on plain arrays (the torch reference tests):
     // k, v [T, n_head_kv, d]; q [w, n_head, d]; reconstruct adds rk [w, n_head_kv, d],
     // qchunk [w] and chunks [(lo, hi)].
-    m.def("score_context_layer",
+    kernels.def("score_context_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, carray<float> q, carray<int32_t> qpos,
              int n_head, float scale, const ContextParams & p, const RopeParams & rope, py::object v, py::object rk,
              py::object qchunk, py::object chunks, py::object hist, py::object kpos, bool carry, float softcap) {
@@ -462,7 +487,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("kpos") = py::none(), py::arg("carry") = false, py::arg("softcap") = 0.0f);
 
     // Single-layer scoring on plain arrays: what the torch reference tests call.
-    m.def("score_layer",
+    kernels.def("score_layer",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos,
              int n_head, float scale, int kernel, int n_sink, py::object hist, float alpha, float mix_lambda,
              float sim_threshold, float softcap) {
@@ -512,7 +537,7 @@ PYBIND11_MODULE(_native, m) {
     // The graph path (native/src/graph): the same scores and selection as ggml graphs.
 #ifdef GRKV_HAVE_GRAPH
     m.def("graph_available", []() { return graph::available(); });
-    m.def("graph_select",
+    kernels.def("graph_select",
           [](const std::string & method, carray<float> k, carray<int32_t> pos, py::object q, py::object qpos, int n_head,
              float scale, int budget, int kernel, int n_sink, const std::string & backend, int n_threads,
              float softcap) {
@@ -570,7 +595,7 @@ PYBIND11_MODULE(_native, m) {
 #else
     m.def("graph_available", []() { return false; });
 #endif
-    m.def("select_per_head",
+    kernels.def("select_per_head",
           [](carray<float> s, carray<uint8_t> prot, int budget) {
               Scores sc;
               sc.n_head_kv = (int) s.shape(0);
@@ -581,7 +606,7 @@ PYBIND11_MODULE(_native, m) {
               return to_numpy(std::move(k), {(py::ssize_t) sc.n_head_kv, (py::ssize_t) budget});
           },
           py::arg("scores"), py::arg("protect"), py::arg("budget"));
-    m.def("allocate_headwise",
+    kernels.def("allocate_headwise",
           [](carray<float> s, carray<uint8_t> prot, int budget, float alpha, bool across_layers) {
               if (s.ndim() != 3 || prot.ndim() != 2) throw Error("scores must be [L, H, T] and protect [L, T]");
               const int L = (int) s.shape(0), H = (int) s.shape(1), T = (int) s.shape(2);
@@ -597,7 +622,7 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("scores"), py::arg("protect"), py::arg("budget"), py::arg("alpha"), py::arg("across_layers"));
     // Quantised-cache codecs (q8_0 = 8, q4_0 = 2) and the Walsh-Hadamard rotation, for the tests.
-    m.def("quant_dequantize", [](int32_t type, py::bytes data) {
+    kernels.def("quant_dequantize", [](int32_t type, py::bytes data) {
         const std::string b = data;
         const size_t bb = quant_block_bytes(type);
         if (b.size() % bb) throw Error("quantised data is not a whole number of blocks");
@@ -605,12 +630,12 @@ PYBIND11_MODULE(_native, m) {
         dequantize_row(type, (const uint8_t *) b.data(), out.data(), out.size());
         return to_numpy(std::move(out), {(py::ssize_t) (b.size() / bb * QK)});
     }, py::arg("type"), py::arg("data"));
-    m.def("quant_quantize", [](int32_t type, carray<float> x) {
+    kernels.def("quant_quantize", [](int32_t type, carray<float> x) {
         std::string out(x.size() / QK * quant_block_bytes(type), '\0');
         quantize_row(type, x.data(), (uint8_t *) out.data(), (size_t) x.size());
         return py::bytes(out);
     }, py::arg("type"), py::arg("x"));
-    m.def("hadamard", [](carray<float> x, int block) {
+    kernels.def("hadamard", [](carray<float> x, int block) {
         std::vector<float> out(x.data(), x.data() + x.size());
         hadamard_blocks(out.data(), out.size(), block);
         std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
@@ -618,7 +643,7 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("x"), py::arg("block"));
     m.def("hadamard_block_k", &hadamard_block_k, py::arg("type"), py::arg("head_dim"));
     m.def("hadamard_block_v", &hadamard_block_v, py::arg("type"), py::arg("head_dim"));
-    m.def("f32_round_trip",
+    kernels.def("f32_round_trip",
           [](carray<float> x, const std::string & dtype, int rot) {
               std::vector<float> out(x.data(), x.data() + x.size());
               const size_t n = x.ndim() ? (size_t) x.shape(x.ndim() - 1) : 1;  // row by row
@@ -630,7 +655,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("x"), py::arg("dtype"), py::arg("rot") = 0,
           "x as the cache would hold it: stored as dtype (rotated by a Hadamard block of `rot` first) and read back");
 
-    py::class_<GrkvProblem>(m, "GrkvProblem")
+    py::class_<GrkvProblem>(kernels, "GrkvProblem")
         .def(py::init([](carray<float> q, carray<float> w, carray<uint8_t> vis, carray<float> ostar, carray<float> k0,
                          carray<float> v0, carray<uint8_t> mut, float scale, float softcap) {
                  GrkvProblem p;
@@ -656,28 +681,28 @@ PYBIND11_MODULE(_native, m) {
              py::arg("scale"), py::arg("softcap") = 0.0f);
     auto bd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.B, p.d}; };
     auto rd = [](const GrkvProblem & p) { return std::vector<py::ssize_t>{p.R, p.d}; };
-    m.def("grkv_student", [](const GrkvProblem & p, carray<float> K, carray<float> V) {
+    kernels.def("grkv_student", [](const GrkvProblem & p, carray<float> K, carray<float> V) {
         std::vector<float> A, O;
         grkv_student(p, K.data(), V.data(), A, O);
         return py::make_tuple(to_numpy(std::move(A), {p.R, p.B}), to_numpy(std::move(O), {p.R, p.d}));
     });
-    m.def("grkv_objective", [](const GrkvProblem & p, carray<float> K, carray<float> V, float lam) {
+    kernels.def("grkv_objective", [](const GrkvProblem & p, carray<float> K, carray<float> V, float lam) {
         return grkv_objective(p, K.data(), V.data(), lam);
     });
-    m.def("grkv_value_step", [bd](const GrkvProblem & p, carray<float> K, float lam) {
+    kernels.def("grkv_value_step", [bd](const GrkvProblem & p, carray<float> K, float lam) {
         return to_numpy(grkv_value_step(p, K.data(), lam), bd(p));
     });
-    m.def("grkv_jvp", [rd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> D) {
+    kernels.def("grkv_jvp", [rd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> D) {
         std::vector<float> A, O, dA;
         grkv_student(p, K.data(), V.data(), A, O, &dA);
         return to_numpy(grkv_jvp(p, dA, O, V.data(), D.data()), rd(p));
     });
-    m.def("grkv_vjp", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> U) {
+    kernels.def("grkv_vjp", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, carray<float> U) {
         std::vector<float> A, O, dA;
         grkv_student(p, K.data(), V.data(), A, O, &dA);
         return to_numpy(grkv_vjp(p, dA, O, V.data(), U.data()), bd(p));
     });
-    m.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol,
+    kernels.def("grkv_key_step", [bd](const GrkvProblem & p, carray<float> K, carray<float> V, float lam, int iters, float tol,
                                 float key_active) {
         GrkvParams prm;
         prm.lambda = lam;
@@ -687,7 +712,7 @@ PYBIND11_MODULE(_native, m) {
         return to_numpy(grkv_key_step(p, K.data(), V.data(), prm), bd(p));
     }, py::arg("p"), py::arg("K"), py::arg("V"), py::arg("lam") = 0.01f, py::arg("iters") = 16, py::arg("tol") = 1e-6f,
        py::arg("key_active") = 0.0f);
-    m.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype,
+    kernels.def("grkv_fit", [bd](const GrkvProblem & p, float lam, float cap_v, float cap_k, int steps, const std::string & dtype,
                            int rot) {
         GrkvParams prm;
         prm.lambda = lam;
@@ -708,7 +733,7 @@ PYBIND11_MODULE(_native, m) {
         return out;
     }, py::arg("p"), py::arg("lam") = 0.01f, py::arg("cap_v") = 0.1f, py::arg("cap_k") = 0.025f, py::arg("steps") = 1,
        py::arg("dtype") = "f32", py::arg("rot") = 0);
-    m.def("merge_head", [](const std::string & name, carray<float> k, carray<float> v, carray<int32_t> pos,
+    kernels.def("merge_head", [](const std::string & name, carray<float> k, carray<float> v, carray<int32_t> pos,
                            carray<int32_t> keep) {
         HeadKV h;
         h.k = k.data();

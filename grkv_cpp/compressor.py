@@ -158,6 +158,36 @@ def check_method_supported(info: ModelInfo, method: Method) -> None:
         raise BadRequestError(f"method '{method.name}' is refused for {info.arch}: {why}")
 
 
+def compress_request(info: ModelInfo, method: Method, merge: Merge | None, *, queries, budget: int, shared: bool,
+                     label_end: int, surrogate=(), window_start: int = 0, n_threads: int = 1, history=None,
+                     plan_only: bool = False, ctx=None, rope=None, chunks=None, key_pos=None) -> _native.CompressRequest:
+    """The native core's CompressRequest (its parameter structs) for one compression."""
+    args = dict(method.native_args())
+    req = _native.CompressRequest()
+    req.headwise = args.pop("headwise", "none")
+    req.headwise_alpha = args.pop("headwise_alpha", 0.2)
+    mp = _native.MethodParams(**args)
+    if ctx is not None:
+        mp.ctx = ctx
+    if rope is not None:
+        mp.rope = rope
+    if chunks is not None:
+        mp.chunks = chunks
+    req.method = mp
+    req.shape = _native.ModelShape(n_head=info.n_head, n_head_kv=info.n_head_kv, scale=info.attn_scale,
+                                   softcap=info.attn_softcap)
+    req.merge = _native.MergeParams(**merge.native_args()) if merge is not None else _native.MergeParams()
+    req.budget, req.shared, req.label_end = budget, shared, label_end
+    req.window_start, req.n_threads, req.plan_only = window_start, n_threads, plan_only
+    req.set_queries(list(queries))
+    if key_pos is not None:
+        req.set_key_pos(np.ascontiguousarray(key_pos, np.int32))
+    if history is not None:
+        req.set_history(np.ascontiguousarray(history, np.float32))
+    req.set_surrogate(list(surrogate))
+    return req
+
+
 GRAPH_METHODS = ("snapkv", "knorm", "streaming")
 
 
@@ -254,7 +284,6 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
         surrogate = _surrogates(layers, info, merge, window_start, int(positions[-1]), reread)
     threads = n_threads or os.cpu_count() or 1
     label_end = int(positions[-1])
-    margs = merge.native_args() if merge is not None else {"merge": "none"}
     t1 = time.perf_counter()
     original = be.snapshot(state)  # the rollback's copy counts as reading
     t_read += time.perf_counter() - t1
@@ -266,11 +295,10 @@ def compress_cache(ctx, info: ModelInfo, method: Method, *, merge: Merge | None 
                 report.update(positions=np.arange(label_end - keep.shape[2] + 1, label_end + 1, dtype=np.int32),
                               rebuilt=False)
             else:
-                keep, report = state.compress(PART, n_head=info.n_head, n_head_kv=info.n_head_kv,
-                                              scale=info.attn_scale, softcap=info.attn_softcap, queries=queries,
-                                              budget=B, shared=shared, label_end=label_end, surrogate=surrogate,
-                                              window_start=window_start, n_threads=threads, history=history,
-                                              plan_only=gather, **method.native_args(), **margs, **ctx_args)
+                req = compress_request(info, method, merge, queries=queries, budget=B, shared=shared,
+                                       label_end=label_end, surrogate=surrogate, window_start=window_start,
+                                       n_threads=threads, history=history, plan_only=gather, **ctx_args)
+                keep, report = state.compress(PART, req)
             t_math = time.perf_counter() - t1
         except NativeError as e:
             raise CompressionError(str(e)) from e

@@ -52,15 +52,16 @@ def main():
         spec.loader.exec_module(_native)
     else:
         from grkv_cpp import _native
+    kernels = getattr(_native, "kernels", _native)  # builds before the kernels submodule had them at the top
 
     rows = []
     for model, R, d, heads in SHAPES:
         for B in (int(x) for x in a.kept.split(",")):
-            p = problem(_native, R, B, d, 0)
+            p = problem(kernels, R, B, d, 0)
             times = []
             for _ in range(a.repeats):
                 t0 = time.perf_counter()
-                _native.grkv_fit(p, 0.01, 0.5, 0.5, 1, "f16")
+                kernels.grkv_fit(p, 0.01, 0.5, 0.5, 1, "f16")
                 times.append(time.perf_counter() - t0)
             best = min(times)
             rows.append(dict(model=model, R=R, d=d, kept=B, heads=heads, ms_per_head=1e3 * best,

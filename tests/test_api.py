@@ -180,7 +180,7 @@ def test_query_aware_state_errors_keep_the_context(tiny, monkeypatch):
     def broken(*a, **k):
         raise CompressionError("injected")
 
-    monkeypatch.setattr("grkv_cpp.llm.compress_cache", broken)  # fails after the state was put back
+    monkeypatch.setattr("grkv_cpp.prefilled.compress_cache", broken)  # fails after the state was put back
     with pytest.raises(CompressionError, match="injected"):
         tiny.compress_state(st, method="knorm", ratio=0.5)
     assert (kvstate.get_blob(tiny.ctx), tiny._context_len) == before

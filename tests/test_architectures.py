@@ -187,17 +187,17 @@ def test_grkv_steps_match_reference_on_captured_data(case):
     ref = Problem(q=rows, w=np.ones(len(rows)), vis=vis_full[:, keep], ostar=ostar, k0=K[keep], v0=V[keep], mut=mut,
                   scale=info.attn_scale, softcap=info.attn_softcap)
     f32 = lambda x: np.ascontiguousarray(x, np.float32)  # noqa: E731
-    p = _native.GrkvProblem(f32(rows), f32(np.ones(len(rows))), vis_full[:, keep].astype(np.uint8), f32(ostar),
+    p = _native.kernels.GrkvProblem(f32(rows), f32(np.ones(len(rows))), vis_full[:, keep].astype(np.uint8), f32(ostar),
                             f32(K[keep]), f32(V[keep]), mut.astype(np.uint8), info.attn_scale,
                             info.attn_softcap)
     want = ref.value_step(ref.k0, 0.01).numpy()
-    got = _native.grkv_value_step(p, f32(K[keep]), 0.01)
+    got = _native.kernels.grkv_value_step(p, f32(K[keep]), 0.01)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
     V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
     exact = ref.key_step(ref.k0, V1, 0.01).numpy()
     # random weights give far sharper attention than trained ones (logit std ~10), so J J^T is
     # ill-conditioned and CG needs more than the real models' 64 iterations to reach the exact step
-    nat = _native.grkv_key_step(p, f32(K[keep]), f32(V1.numpy()), 0.01, 1024, 1e-9)
+    nat = _native.kernels.grkv_key_step(p, f32(K[keep]), f32(V1.numpy()), 0.01, 1024, 1e-9)
     assert (nat * exact).sum() / (np.linalg.norm(nat) * np.linalg.norm(exact)) > 0.999
     # the whole merge (stratified queries re-rotated with this model's RoPE) never makes a layer worse
     res = compress_cache(m.ctx, info, method, merge=merge, ratio=0.3, captured=captured)

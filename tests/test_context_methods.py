@@ -155,17 +155,17 @@ def test_scores_on_captured_data_match_reference(which, request):
     assert len(qpos) == len(pos)
     p = _native.ContextParams()
     p.n_sink, p.n_future = st.n_prefix, 512
-    s, prot = _native.score_context_layer("expected", k, pos, q, qpos, info.n_head, info.attn_scale, p,
+    s, prot = _native.kernels.score_context_layer("expected", k, pos, q, qpos, info.n_head, info.attn_scale, p,
                                           _native_rope(info), v=v)
     rs, rprot = rc.expected_scores(k, v, pos, q, qpos, info.n_head, info.attn_scale, _rope(info), n_sink=st.n_prefix)
     np.testing.assert_allclose(s, rs.numpy(), rtol=2e-3, atol=1e-6)
     B = len(pos) // 2
-    sel = _native.select_per_head(s, prot, B)
+    sel = _native.kernels.select_per_head(s, prot, B)
     rsel = ref.select(rs, rprot, B).numpy()
     assert np.mean([len(set(a) & set(b)) / B for a, b in zip(sel, rsel)]) > 0.99
     p = _native.ContextParams()
     p.n_sink, p.n_recent, p.beta = 8, 4, 0.5
-    s, _ = _native.score_context_layer("compactor", k, pos, q, qpos, info.n_head, info.attn_scale, p,
+    s, _ = _native.kernels.score_context_layer("compactor", k, pos, q, qpos, info.n_head, info.attn_scale, p,
                                        _native_rope(info), v=v)
     rs, _ = rc.compactor_scores(k, v, pos, q, info.n_head, info.attn_scale, _rope(info), beta=0.5)
     np.testing.assert_allclose(s, rs.numpy(), rtol=1e-3, atol=2e-3)
@@ -175,7 +175,7 @@ def test_scores_on_captured_data_match_reference(which, request):
     q, qpos, rk, qchunk = rr.layers[li]
     p = _native.ContextParams()
     p.n_sink = st.n_prefix
-    s, _ = _native.score_context_layer("reconstruct", k, pos, q, qpos, info.n_head, info.attn_scale, p,
+    s, _ = _native.kernels.score_context_layer("reconstruct", k, pos, q, qpos, info.n_head, info.attn_scale, p,
                                        _native_rope(info), rk=rk, qchunk=qchunk, chunks=rr.chunks)
     rs, _ = rc.reconstruct_scores(k, q, rk, qchunk, rr.chunks, info.n_head, info.attn_scale, n_sink=st.n_prefix)
     np.testing.assert_allclose(s, rs.numpy(), rtol=1e-3, atol=1e-6)

@@ -49,12 +49,12 @@ def test_expected_matches_reference(seed, neox, use_cov, eps, n_recent):
     k, v, q, pos, H, rope = layer(seed, neox=neox, n_rot=12 if seed == 2 else None)
     scale = 1 / np.sqrt(k.shape[-1])
     p = params(n_sink=4, n_recent=n_recent, n_future=64, next_pos=len(pos), eps=eps, use_cov=use_cov)
-    s, prot = _native.score_context_layer("expected", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
+    s, prot = _native.kernels.score_context_layer("expected", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
     rs, rprot = rc.expected_scores(k, v, pos, q, pos, H, scale, rope, n_sink=4, n_recent=n_recent, n_future=64,
                                    eps=eps, use_cov=use_cov)
     np.testing.assert_allclose(s, rs.numpy(), rtol=2e-4, atol=1e-7)
     assert (prot.astype(bool) == rprot.numpy()).all()
-    sel = _native.select_per_head(s, prot, 60)
+    sel = _native.kernels.select_per_head(s, prot, 60)
     assert (sel == ref.select(rs, rprot, 60).numpy()).all()
 
 
@@ -63,8 +63,8 @@ def test_expected_rope_pairing_matters():
     data as NORM gives other scores."""
     k, v, q, pos, H, rope = layer(3, neox=True)
     p = params(n_future=64, next_pos=len(pos))
-    right, _ = _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope), v=v)
-    wrong, _ = _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p,
+    right, _ = _native.kernels.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope), v=v)
+    wrong, _ = _native.kernels.score_context_layer("expected", k, pos, q, pos, H, 0.25, p,
                                            native_rope((rope[0], rope[1], 1.0, False)), v=v)
     assert np.abs(right - wrong).max() > 1e-3 * np.abs(right).max()
 
@@ -75,7 +75,7 @@ def test_compactor_matches_reference(seed, neox, chunk, chunk_scale, beta):
     k, v, q, pos, H, rope = layer(seed, neox=neox)
     scale = 1 / np.sqrt(k.shape[-1])
     p = params(n_sink=8, n_recent=4, chunk=chunk, beta=beta, ridge=1e-2, chunk_scale=chunk_scale)
-    s, prot = _native.score_context_layer("compactor", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
+    s, prot = _native.kernels.score_context_layer("compactor", k, pos, q, pos, H, scale, p, native_rope(rope), v=v)
     rs, rprot = rc.compactor_scores(k, v, pos, q, H, scale, rope, n_sink=8, n_recent=4, chunk=chunk, beta=beta,
                                     chunk_scale=chunk_scale)
     np.testing.assert_allclose(s, rs.numpy(), rtol=1e-3, atol=2e-4)
@@ -100,7 +100,7 @@ def test_compactor_carried_matches_reference(neox, t0, chunk):
     hist[:, t0:] = 1e9  # past t0 the history must be ignored
     scale = 1 / np.sqrt(k.shape[-1])
     p = params(n_sink=8, n_recent=0, chunk=chunk, beta=0.5, ridge=1e-2)
-    s, prot, tile = _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
+    s, prot, tile = _native.kernels.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
                                                 native_rope(rope), v=v, hist=hist, kpos=true, carry=True)
     rs, rprot = rc.compactor_scores(k, v, true, q[t0:], H, scale, rope, n_sink=8, n_recent=0, chunk=chunk, beta=0.5,
                                     hist=hist[:, :t0])
@@ -108,14 +108,14 @@ def test_compactor_carried_matches_reference(neox, t0, chunk):
     assert (prot.astype(bool) == rprot.numpy()).all()
     np.testing.assert_array_equal(tile[:, :t0], hist[:, :t0])
     # carrying a full scoring's own tile attention reproduces it when the tiles line up
-    full, _, att = _native.score_context_layer("compactor", k, cells, q, cells, H, scale, p, native_rope(rope), v=v,
+    full, _, att = _native.kernels.score_context_layer("compactor", k, cells, q, cells, H, scale, p, native_rope(rope), v=v,
                                                kpos=true, carry=True)
     if t0 % chunk == 0:
-        part, _ = _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
+        part, _ = _native.kernels.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p,
                                               native_rope(rope), v=v, hist=att, kpos=true)
         np.testing.assert_allclose(part, full, rtol=1e-5, atol=1e-6)
     with pytest.raises(NativeError):  # queries for fewer cells need the carried history
-        _native.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p, native_rope(rope), v=v)
+        _native.kernels.score_context_layer("compactor", k, cells, q[t0:], cells[t0:], H, scale, p, native_rope(rope), v=v)
 
 
 def reread_layer(seed, T=120, Hkv=2, G=3, d=16, chunks=((10, 70), (70, 120)), prompt=6):
@@ -142,7 +142,7 @@ def test_reconstruct_matches_reference(seed, chunks, n_recent):
     pos = np.arange(len(k), dtype=np.int32)
     n_sink = chunks[0][0]
     p = params(n_sink=n_sink, n_recent=n_recent)
-    s, prot = _native.score_context_layer("reconstruct", k, pos, q, qpos, H, 0.25, p, native_rope((16, 1e4, 1.0, False)),
+    s, prot = _native.kernels.score_context_layer("reconstruct", k, pos, q, qpos, H, 0.25, p, native_rope((16, 1e4, 1.0, False)),
                                           rk=rk, qchunk=qchunk, chunks=list(chunks))
     rs, rprot = rc.reconstruct_scores(k, q, rk, qchunk, chunks, H, 0.25, n_sink=n_sink, n_recent=n_recent)
     np.testing.assert_allclose(s, rs.numpy(), rtol=1e-4, atol=1e-7)
@@ -156,14 +156,14 @@ def test_context_scorer_errors():
     k, v, q, pos, H, rope = layer(0)
     p = params()
     with pytest.raises(NativeError, match="values"):
-        _native.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope))
+        _native.kernels.score_context_layer("expected", k, pos, q, pos, H, 0.25, p, native_rope(rope))
     with pytest.raises(NativeError, match="every context token"):
-        _native.score_context_layer("compactor", k, pos, q[:10], pos[:10], H, 0.25, p, native_rope(rope), v=v)
+        _native.kernels.score_context_layer("compactor", k, pos, q[:10], pos[:10], H, 0.25, p, native_rope(rope), v=v)
     with pytest.raises(NativeError, match="re-read"):
-        _native.score_context_layer("reconstruct", k, pos, q, pos, H, 0.25, p, native_rope(rope))
+        _native.kernels.score_context_layer("reconstruct", k, pos, q, pos, H, 0.25, p, native_rope(rope))
     kq, qq, rk, qc, qp, H2 = reread_layer(0)
     with pytest.raises(NativeError, match="token range"):
-        _native.score_context_layer("reconstruct", kq, np.arange(len(kq), dtype=np.int32), qq, qp, H2, 0.25, p,
+        _native.kernels.score_context_layer("reconstruct", kq, np.arange(len(kq), dtype=np.int32), qq, qp, H2, 0.25, p,
                                     native_rope(rope), rk=rk, qchunk=qc, chunks=[(10, 70), (70, 500)])
 
 
@@ -199,7 +199,7 @@ def test_headwise_allocation_matches_reference(across, alpha):
     s = (rng.standard_normal((L, H, T)) * rng.uniform(0.2, 3, (L, H, 1))).astype(np.float32)
     prot = np.zeros((L, T), np.uint8)
     prot[:, :3] = 1
-    slots, count = _native.allocate_headwise(s, prot, B, alpha, across)
+    slots, count = _native.kernels.allocate_headwise(s, prot, B, alpha, across)
     rslots, rcount = headwise_reference(s, prot, B, alpha, across)
     assert slots == rslots and (count == rcount).all()
     # the budget is spent exactly (per layer, or over all layers), and the cells cover the busiest head

@@ -25,15 +25,15 @@ def random_layer(seed, T=97, Hkv=2, G=3, d=16, w=8):
 def check_against_core(k, pos, q, qpos, H, scale, budget, softcap=0.0, kernel=5, n_threads=1, method="snapkv",
                        n_sink=4):
     """The graph's scores and kept sets equal the core's score_layer + select_per_head."""
-    s_core, prot = _native.score_layer(method, k, pos, q, qpos, n_head=H, scale=scale, kernel=kernel,
+    s_core, prot = _native.kernels.score_layer(method, k, pos, q, qpos, n_head=H, scale=scale, kernel=kernel,
                                        n_sink=n_sink, softcap=softcap)
-    s_graph, keep, backend = _native.graph_select(method, k, pos, q, qpos, n_head=H, scale=scale, budget=budget,
+    s_graph, keep, backend = _native.kernels.graph_select(method, k, pos, q, qpos, n_head=H, scale=scale, budget=budget,
                                                   kernel=kernel, n_sink=n_sink, n_threads=n_threads,
                                                   softcap=softcap)
     assert backend == "CPU"
     free = ~prot.astype(bool)  # protected tokens: the core ranks them on top, the graph lifts them by a bonus
     np.testing.assert_allclose(s_graph[:, free], s_core[:, free], rtol=1e-4, atol=1e-7)
-    np.testing.assert_array_equal(keep, _native.select_per_head(s_core, prot, budget))
+    np.testing.assert_array_equal(keep, _native.kernels.select_per_head(s_core, prot, budget))
     return s_graph, keep, prot
 
 
@@ -76,7 +76,7 @@ def test_knorm_and_streaming_graphs_match_core_and_reference(seed, shape):
 
 def test_graph_errors():
     k, q, pos, qpos, H = random_layer(0)
-    sel = _native.graph_select
+    sel = _native.kernels.graph_select
     with pytest.raises(_native.NativeError, match="protected tokens are always kept"):
         sel("snapkv", k, pos, q, qpos, n_head=H, scale=0.25, budget=len(qpos) - 1)
     with pytest.raises(_native.NativeError, match="no ggml backend named"):

@@ -114,14 +114,14 @@ def test_native_value_step_matches_reference_on_captured_queries(prefilled):
     want = ref.value_step(ref.k0, 0.01).numpy()
     f32 = {k: (np.ascontiguousarray(v, np.float32) if isinstance(v, np.ndarray) and v.dtype != bool else v)
            for k, v in args.items()}
-    p = _native.GrkvProblem(f32["q"], f32["w"], args["vis"].astype(np.uint8), f32["ostar"], f32["k0"], f32["v0"],
+    p = _native.kernels.GrkvProblem(f32["q"], f32["w"], args["vis"].astype(np.uint8), f32["ostar"], f32["k0"], f32["v0"],
                             mut.astype(np.uint8), info.attn_scale)
-    got = _native.grkv_value_step(p, f32["k0"], 0.01)
+    got = _native.kernels.grkv_value_step(p, f32["k0"], 0.01)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
     # the key step direction agrees with the exact Gauss-Newton step
     V1 = ref.v0 + ref.value_step(ref.k0, 0.01)
     exact = ref.key_step(ref.k0, V1, 0.01).numpy()
-    nat = _native.grkv_key_step(p, f32["k0"], V1.numpy().astype(np.float32), 0.01, 64, 1e-7)
+    nat = _native.kernels.grkv_key_step(p, f32["k0"], V1.numpy().astype(np.float32), 0.01, 64, 1e-7)
     cos = (nat * exact).sum() / (np.linalg.norm(nat) * np.linalg.norm(exact))
     assert cos > 0.99
 

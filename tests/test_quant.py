@@ -28,13 +28,13 @@ def test_codec_matches_gguf_reference(name, seed):
     code, qt = TYPES[name]
     x = rows(seed)
     ref = quantize(x.reshape(1, -1), qt).tobytes()
-    got = _native.quant_quantize(code, x)
+    got = _native.kernels.quant_quantize(code, x)
     assert len(got) == len(ref) == len(x) // 32 * (34 if name == "q8_0" else 18)
     # dequantisation is exact; quantisation may differ from numpy's rounding only on exact ties
-    np.testing.assert_array_equal(_native.quant_dequantize(code, ref), dequantize(np.frombuffer(ref, np.uint8), qt))
+    np.testing.assert_array_equal(_native.kernels.quant_dequantize(code, ref), dequantize(np.frombuffer(ref, np.uint8), qt))
     a, b = np.frombuffer(got, np.uint8), np.frombuffer(ref, np.uint8)
     assert (a != b).mean() < 1e-3
-    back = _native.quant_dequantize(code, got)
+    back = _native.kernels.quant_dequantize(code, got)
     # error within half a step (q8_0) or one step (q4_0's asymmetric range), plus the
     # f16 rounding of the scale, which moves the largest value by up to 127 * 2^-11 steps
     step = np.abs(x).reshape(-1, 32).max(1).repeat(32) / (127 if name == "q8_0" else 8)
@@ -44,15 +44,15 @@ def test_codec_matches_gguf_reference(name, seed):
 @pytest.mark.parametrize("name", list(TYPES))
 def test_requantising_a_dequantised_row_gives_its_bytes(name):
     code, _ = TYPES[name]
-    q = _native.quant_quantize(code, rows(7))
-    assert _native.quant_quantize(code, _native.quant_dequantize(code, q)) == q
+    q = _native.kernels.quant_quantize(code, rows(7))
+    assert _native.kernels.quant_quantize(code, _native.kernels.quant_dequantize(code, q)) == q
 
 
 def test_codec_refuses_partial_blocks():
     with pytest.raises(NativeError, match="multiple of 32"):
-        _native.quant_quantize(8, np.ones(40, np.float32))
+        _native.kernels.quant_quantize(8, np.ones(40, np.float32))
     with pytest.raises(NativeError, match="whole number of blocks"):
-        _native.quant_dequantize(8, b"\0" * 35)
+        _native.kernels.quant_dequantize(8, b"\0" * 35)
 
 
 def llama_hadamard(n):
@@ -74,9 +74,9 @@ def test_hadamard_is_llamas_rotation_and_its_own_inverse(block):
     x = np.random.default_rng(block).standard_normal((3, 2 * block)).astype(np.float32)
     H = llama_hadamard(block)
     want = np.concatenate([x[:, :block] @ H.T, x[:, block:] @ H.T], 1)
-    got = _native.hadamard(x, block)
+    got = _native.kernels.hadamard(x, block)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_allclose(_native.hadamard(got, block), x, atol=1e-5)
+    np.testing.assert_allclose(_native.kernels.hadamard(got, block), x, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
 
 
@@ -116,7 +116,7 @@ def test_llama_cpp_stores_quantised_rows_in_the_rotated_basis(tmp_path, name, to
     qnt = _cache_keys_values(path, toks, code, code)
     for (k0, v0), (k1, v1) in zip(f16[:1], qnt[:1]):
         for x0, x1, block in ((k0, k1, _native.hadamard_block_k(code, 64)), (v0, v1, _native.hadamard_block_v(code, 64))):
-            err = np.linalg.norm(_native.hadamard(x1, block) - x0) / np.linalg.norm(x0)
+            err = np.linalg.norm(_native.kernels.hadamard(x1, block) - x0) / np.linalg.norm(x0)
             assert err < tol, err
             assert np.linalg.norm(x1 - x0) / np.linalg.norm(x0) > 0.5  # the stored basis is rotated
 

@@ -62,7 +62,7 @@ def test_per_head_eviction_on_a_quantised_cache_matches_reference(model_path, tk
         q = m.capture.rows(0, il)[-N_NEW:].reshape(N_NEW, H, d)
         out = m.capture.rows(1, il)[-N_NEW:]
         if rv:  # the attention output is in V's rotated basis until after this node
-            out = _native.hadamard(np.ascontiguousarray(out), rv)
+            out = _native.kernels.hadamard(np.ascontiguousarray(out), rv)
         out = out.reshape(N_NEW, H, d)
         for hq in range(H):
             kv = hq // G
@@ -99,8 +99,8 @@ def test_kept_blocks_are_byte_identical(model_path):
     for il in range(m.info.n_layer):
         K0, K1 = f0.keys(0, il).reshape(-1, Hkv, d), f1.keys(0, il).reshape(-1, Hkv, d)
         for h in range(Hkv):
-            q0 = _native.quant_quantize(2, np.ascontiguousarray(K0[res.keep[il][h], h].ravel()))
-            q1 = _native.quant_quantize(2, np.ascontiguousarray(K1[:, h].ravel()))
+            q0 = _native.kernels.quant_quantize(2, np.ascontiguousarray(K0[res.keep[il][h], h].ravel()))
+            q1 = _native.kernels.quant_quantize(2, np.ascontiguousarray(K1[:, h].ravel()))
             assert q0 == q1
 
 
@@ -150,7 +150,7 @@ def test_merges_on_a_quantised_cache(model_path, tk, tv, spec, backend):
                                   (V1, tv, cv, _native.hadamard_block_v(CODES[tv], d))):
                 if ch.any():
                     rows = np.ascontiguousarray(X[:B, h][ch])
-                    np.testing.assert_array_equal(_native.f32_round_trip(rows, t, blk), rows)
+                    np.testing.assert_array_equal(_native.kernels.f32_round_trip(rows, t, blk), rows)
     assert n_changed > 0  # the merge did write new rows
     # new tokens attend over the stored (requantised) rows as the float64 reference says
     new = m.tokenize(" What is the pass key", bos=False)[:N_NEW]
@@ -164,7 +164,7 @@ def test_merges_on_a_quantised_cache(model_path, tk, tv, spec, backend):
         q = m.capture.rows(0, il)[-N_NEW:].reshape(N_NEW, H, d)
         out = m.capture.rows(1, il)[-N_NEW:]
         if rv:
-            out = _native.hadamard(np.ascontiguousarray(out), rv)
+            out = _native.kernels.hadamard(np.ascontiguousarray(out), rv)
         out = out.reshape(N_NEW, H, d)
         for hq in range(H):
             want = ref.attention(q[:, hq], K1[:, hq // G], V1[:, hq // G], info.attn_scale, causal_offset=B).numpy()
