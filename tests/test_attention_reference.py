@@ -1,6 +1,8 @@
 """After a per-(layer, KV head) compression, llama.cpp's attention output for
 new tokens equals a float64 reference computed per head over that head's own
-kept set, in every compressed layer (flash attention on and off)."""
+kept set, in every compressed layer (flash attention on and off), whichever
+apply backend wrote the cache (the state blob, or the patched llama.cpp's
+in-place gather)."""
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import pytest
 import reference as ref
 from grkv_cpp import kvstate
 from grkv_cpp._native import SeqState
+from grkv_cpp.apply import patched_library
 from grkv_cpp.capture import ATTN_OUT, QUERIES
 from grkv_cpp.compressor import compress_cache
 from grkv_cpp.llm import CompressedLlama
@@ -15,19 +18,20 @@ from grkv_cpp.methods import SnapKV
 from grkv_cpp.texts import haystack, passkey_needle
 
 N_NEW = 4
+BACKENDS = ["blob"] + (["inplace"] if patched_library() else [])
 
 
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def run_case(path, flash_attn, ratio=0.3):
+def run_case(path, flash_attn, ratio=0.3, backend=None):
     m = CompressedLlama(path, n_ctx=2048, flash_attn=flash_attn)
     toks = m._tokens_for(haystack(14, [(0.4, passkey_needle(4711))]))
     m._prefill(toks, 32)
     full = SeqState(kvstate.get_blob(m.ctx))
     swa_before = full.serialize()  # to compare the sliding-window part later
-    res = compress_cache(m.ctx, m.info, SnapKV(), ratio=ratio, capture=m.capture)
+    res = compress_cache(m.ctx, m.info, SnapKV(), ratio=ratio, capture=m.capture, backend=backend)
     new = m.tokenize(" What is the pass key", bos=False)[:N_NEW]
     m.capture.set_targets([QUERIES, ATTN_OUT])
     with m.capture.enabled():
@@ -71,9 +75,11 @@ def check_layers(m, toks, full, after, res, softcap=None):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_smollm2_per_head_attention_matches_reference(smollm2_gguf, flash_attn):
-    m, toks, full, after, res, _ = run_case(smollm2_gguf, flash_attn)
+def test_smollm2_per_head_attention_matches_reference(smollm2_gguf, flash_attn, backend):
+    m, toks, full, after, res, _ = run_case(smollm2_gguf, flash_attn, backend=backend)
+    assert res.merge_report["apply"]["backend"] == backend
     errs, ctrl = check_layers(m, toks, full, after, res)
     assert len(errs) == 30 * 9
     assert np.median(errs) < 2e-3 and errs.max() < 2e-2, (np.median(errs), errs.max())

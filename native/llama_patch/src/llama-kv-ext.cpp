@@ -76,7 +76,6 @@ void copy_runs(const llama_kv_ext_layer & L, bool v_trans, uint32_t kv_size, siz
     }
 }
 
-
 // Whether one KV head's slice of tensor t's rows (`n_embd` elements over
 // `n_head_kv` heads) is whole blocks and whole 4-byte words, so that it can
 // move as raw words.
@@ -364,11 +363,12 @@ int32_t llama_kv_cache::ext_seq_gather(llama_seq_id seq_id, int32_t n, const lla
                 return LLAMA_KV_EXT_E_UNSUPPORTED;
             }
         }
+        gl[l].cells.assign(src[l], src[l] + Hkv * n);
+        if (!backends[l]) continue;  // copied on the host: the graph's indices are not needed
         // slot-major head rows: word row (cell * Hkv + h) of the [words, kv_size * Hkv] view
         gl[l].rows.resize((size_t) n * Hkv);
         for (int32_t i = 0; i < n; ++i)
             for (int64_t h = 0; h < Hkv; ++h) gl[l].rows[(size_t) i * Hkv + h] = src[l][h * n + i] * (int32_t) Hkv + (int32_t) h;
-        gl[l].cells.assign(src[l], src[l] + Hkv * n);
         if (gl[l].L.v && v_trans) {
             const int32_t E = gl[l].L.n_embd_v, dv = E / (int32_t) Hkv;
             gl[l].head_of.resize(E);
