@@ -185,3 +185,20 @@ def test_gathered_cells_hold_the_kept_tokens(tiny_gguf, flash, gather):
             after = getattr(st1, get)(0, l).reshape(n, Hkv, d)
             for h in range(Hkv):
                 np.testing.assert_array_equal(after[:, h], before[keep[l, h], h])
+
+
+def test_graph_math_falls_back_to_rows_read_after_the_plan(tmp_path, monkeypatch):
+    """Graph scoring reads no row; when the gather is then refused (head_dim
+    32 on q8_0 K), the rows are read after the plan and written as host rows:
+    the same cache as the core's."""
+    path = write_tiny_model(tmp_path / "m.gguf", TinySpec("llama", n_embd=128, n_head=4, n_head_kv=2, n_ff=128))
+    with quiet():
+        m = CompressedLlama(path, n_ctx=1024, flash_attn=True, type_k="q8_0", type_v="f16")
+    m.prefill(CONTEXT)
+    before = kvstate.get_blob(m.ctx)
+    res = compress_cache(m.ctx, m.info, KNorm(), ratio=0.5, backend="inplace", math="graph")
+    assert res.merge_report["apply"]["write"] == "rows" and res.merge_report["math"] == "graph"
+    graph = kvstate.get_blob(m.ctx)
+    assert kvstate.set_blob(m.ctx, before)
+    compress_cache(m.ctx, m.info, KNorm(), ratio=0.5, backend=InplaceBackend(gather=False))
+    assert kvstate.get_blob(m.ctx) == graph

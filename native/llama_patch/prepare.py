@@ -63,15 +63,26 @@ def fetch_sdist(cache: Path) -> Path:
 
 
 def stamp_of() -> str:
+    """The sdist and the diff: the extracted tree is redone when either changes
+    (the extension's own files are refreshed one by one, see prepare)."""
     h = hashlib.sha256(SHA256.encode())
-    for p in [DIFF, *NEW_FILES.values()]:
-        h.update(p.read_bytes())
+    h.update(DIFF.read_bytes())
     return h.hexdigest()
+
+
+def refresh_new_files(root: Path) -> None:
+    """Copy the extension's files that differ, and only those, so that an edit
+    to them recompiles them alone instead of the whole re-extracted tree."""
+    for rel, src in NEW_FILES.items():
+        dst = root / rel
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
 
 
 def prepare(out: Path, sdist: Path) -> Path:
     stamp = out / ".grkv-patch-stamp"
     if stamp.is_file() and stamp.read_text() == stamp_of():
+        refresh_new_files(out)
         return out
     got = sha256(sdist)
     if got != SHA256:
@@ -92,8 +103,7 @@ def prepare(out: Path, sdist: Path) -> Path:
                            capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"grkv-cpp: the llama.cpp patch did not apply:\n{r.stdout}{r.stderr}")
-        for rel, src in NEW_FILES.items():
-            shutil.copyfile(src, Path(tmp) / rel)
+        refresh_new_files(Path(tmp))
         os.replace(tmp, out)
     finally:
         if os.path.isdir(tmp):
