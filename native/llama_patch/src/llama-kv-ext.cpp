@@ -421,6 +421,8 @@ void llama_context::ext_set_eval_callback(ggml_backend_sched_eval_callback cb, v
     ggml_backend_sched_set_eval_callback(sched.get(), cb, user_data);
 }
 
+// The gather's graphs run on the context's own backend objects (its CPU
+// backend's threads and threadpool, its GPU backend's stream).
 ggml_backend_t llama_context::ext_backend_for(ggml_backend_buffer_t buf) {
     // threads as graph_compute sets them for a batch
     for (const auto & [be, set_n_threads] : set_n_threads_fns) set_n_threads(be, cparams.n_threads_batch);
