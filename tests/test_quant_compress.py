@@ -226,7 +226,8 @@ def test_short_ruler_subset_on_quantised_caches(which, request, tmp_path):
     the eval harness on f16, q8_0 and q4_0 caches, whole and compressed to
     half by compactor: a q8_0 full cache answers every question the f16 one
     does (q4_0: all but at most one), and compression on a quantised cache
-    loses at most one question more than on f16 (the paired RULER runs in docs/results.md measure the
+    loses at most one question more than on f16 beyond those its full cache
+    already lost (the paired RULER runs in docs/results.md measure the
     whole suites)."""
     from grkv_cpp.eval import ruler
     from grkv_cpp.eval.harness import EvalConfig, run_eval
@@ -252,5 +253,6 @@ def test_short_ruler_subset_on_quantised_caches(which, request, tmp_path):
         # where the machines of earlier runs had kept it
         lost_full = sum(scores["f16", "full", g] > scores[tk, "full", g] for g in range(4))
         assert lost_full <= (0 if tk == "q8_0" else 1), (tk, scores)
+        # compression adds at most one lost question to what the quantised full cache already loses
         lost = sum(scores["f16", "compactor", g] > scores[tk, "compactor", g] for g in range(4))
-        assert lost <= 1, (tk, scores)
+        assert lost <= 1 + lost_full, (tk, scores)
