@@ -78,8 +78,9 @@ class InplaceBackend(Backend):
             raise CompressionError(f"llama.cpp rejected the compressed layout: {e}") from e
 
     def gather(self, ctx, keep, positions, part: int = 0) -> bool:
-        """llama_kv_ext_seq_gather: the kept rows are gathered by a ggml graph
-        on the backend that holds the cache; only the indices cross."""
+        """llama_kv_ext_seq_gather: the kept rows are gathered where the cache
+        lives (a ggml graph on its device, the library's own copies in host
+        memory); only the indices cross."""
         if not self.gathers:
             return False
         try:

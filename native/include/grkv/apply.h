@@ -19,6 +19,13 @@ namespace grkv {
 // rows_of = -1: every part's rows; any other negative value: none.
 SeqState inplace_read(const kvx::Api & api, void * ctx, int32_t seq, int rows_of = -1);
 
+// The sequence's cells of part `part` in position order (as StreamView
+// numbers the tokens): token t is cell cells[t] at position pos[t].
+struct SeqCells {
+    std::vector<int32_t> cells, pos;
+};
+SeqCells seq_cells_by_position(const kvx::Api & api, void * ctx, int part, int32_t seq);
+
 // Write part `part` of `st` (its active stream) over the sequence's cells.
 // The library checks everything before its first write, so on an error the
 // cache is unchanged; throws Error with the library's code.

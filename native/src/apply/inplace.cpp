@@ -94,9 +94,22 @@ void inplace_apply(const kvx::Api & api, void * ctx, int32_t seq, const SeqState
     check(api.seq_apply(ctx, part, seq, (int32_t) s.cell_count, s.pos.data(), k.data(), v.data()), "seq_apply");
 }
 
-}  // namespace grkv
-
-namespace grkv {
+SeqCells seq_cells_by_position(const kvx::Api & api, void * ctx, int part, int32_t seq) {
+    const int32_t m = api.seq_cells(ctx, part, seq, nullptr, nullptr, 0);
+    check(m, "seq_cells");
+    std::vector<int32_t> cells(m), pos(m), order(m);
+    if (m) check(api.seq_cells(ctx, part, seq, cells.data(), pos.data(), m), "seq_cells");
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
+    SeqCells out;
+    out.cells.resize(m);
+    out.pos.resize(m);
+    for (int32_t i = 0; i < m; ++i) {
+        out.cells[i] = cells[order[i]];
+        out.pos[i] = pos[order[i]];
+    }
+    return out;
+}
 
 bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, const std::vector<int32_t> & keep,
                     int n_head_kv, const std::vector<int32_t> & pos, bool graph) {
@@ -106,17 +119,12 @@ bool inplace_gather(const kvx::Api & api, void * ctx, int32_t seq, int part, con
         throw Error("gather: keep must be [n_layer][n_head_kv][n] for n = " + std::to_string(n) + " new cells");
     }
     const size_t L = keep.size() / ((size_t) n_head_kv * n);
-    // token t (position order, as StreamView numbers them) is cell cell_t[t]
-    const int32_t m = api.seq_cells(ctx, part, seq, nullptr, nullptr, 0);
-    check(m, "seq_cells");
-    std::vector<int32_t> cells(m), cpos(m), order(m);
-    if (m) check(api.seq_cells(ctx, part, seq, cells.data(), cpos.data(), m), "seq_cells");
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cpos[a] < cpos[b]; });
+    const SeqCells sc = seq_cells_by_position(api, ctx, part, seq);
+    const int32_t m = (int32_t) sc.cells.size();
     std::vector<int32_t> src(keep.size());
     for (size_t i = 0; i < keep.size(); ++i) {
         if (keep[i] < 0 || keep[i] >= m) throw Error("gather: keep names a token the sequence does not hold");
-        src[i] = cells[order[keep[i]]];
+        src[i] = sc.cells[keep[i]];
     }
     std::vector<const int32_t *> per(L);
     for (size_t l = 0; l < L; ++l) per[l] = src.data() + l * n_head_kv * n;

@@ -6,6 +6,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "grkv/apply.h"
 #include "grkv/common.h"
 #include "grkv/graph.h"
 #include "layer_graph.h"
@@ -144,17 +145,11 @@ std::vector<int32_t> select_cache(const kvx::Api & api, void * lctx, int part, i
         throw Error("graph path: SnapKV needs one query set per cache layer");
     }
     // the sequence's cells in position order: token t of every layer is cell_t[t]
-    const int32_t n = api.seq_cells(lctx, part, seq, nullptr, nullptr, 0);
+    const SeqCells sc = seq_cells_by_position(api, lctx, part, seq);
+    const std::vector<int32_t> & cell_t = sc.cells;
+    const std::vector<int32_t> & pos_t = sc.pos;
+    const int32_t n = (int32_t) cell_t.size();
     if (n <= 0) throw Error("graph path: the sequence holds no cells");
-    std::vector<int32_t> cells(n), pos(n), order(n);
-    api.seq_cells(lctx, part, seq, cells.data(), pos.data(), n);
-    for (int i = 0; i < n; ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pos[a] < pos[b]; });
-    std::vector<int32_t> cell_t(n), pos_t(n);
-    for (int i = 0; i < n; ++i) {
-        cell_t[i] = cells[order[i]];
-        pos_t[i] = pos[order[i]];
-    }
     std::vector<int32_t> keep;
     ggml_backend_ptr be;
     ggml_gallocr_ptr alloc;
